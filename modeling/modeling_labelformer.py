@@ -518,13 +518,30 @@ class LabelformerPreTrainedModel(PreTrainedModel):
             # Non-persistent: never in a checkpoint, so rebuild it here after loading.
             init.copy_(module.table, module.build_table(module.table.shape[0], module.table.device))
 
+    def save_pretrained(self, save_directory: str | Any, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.save_pretrained`, plus an ``AutoModel`` entry in ``auto_map``.
+
+        A class registers for one auto class only; the bare model is added by hand so that
+        ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works from any head's folder.
+        """
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModel", f"{__name__.rsplit('.', 1)[-1]}.LabelformerModel")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _tied_keys(self) -> dict[str, str]:
         """Target -> source parameter names tied under this module (overridden by heads)."""
         return {}
 
+    # Tying depends on two config flags (share_embeddings, tie_word_embeddings), so the mapping
+    # is built from the config instead of being a fixed class attribute.
+    @property
+    def _tied_weights_keys(self) -> dict[str, str]:
+        return self._tied_keys()
+
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
-        # Tying depends on two config flags (share_embeddings, tie_word_embeddings), so the
-        # mapping is built from the config instead of a fixed class attribute.
+        # The base class ignores every tie when `tie_word_embeddings` is False; shared
+        # encoder/decoder embeddings are tied independently of it.
         if all_submodels:
             return super().get_expanded_tied_weights_keys(all_submodels=True)
         return self._tied_keys()

@@ -1,0 +1,63 @@
+"""Saved folders are self-contained: they load through Auto classes without our packages."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from modeling import LabelformerForConditionalGeneration, LabelformerModel
+
+from .conftest import random_batch, tiny_config
+from .isolation import run_isolated
+
+
+def test_saved_folder_loads_with_auto_classes_in_a_fresh_process(tmp_path):
+    config = tiny_config(norm_position="pre")
+    model = LabelformerForConditionalGeneration(config).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["auto_map"] == {
+        "AutoConfig": "configuration_labelformer.LabelformerConfig",
+        "AutoModel": "modeling_labelformer.LabelformerModel",
+        "AutoModelForSeq2SeqLM": "modeling_labelformer.LabelformerForConditionalGeneration",
+    }
+    # the real config file, not the re-export stub, is in the folder
+    assert "class LabelformerConfig" in (folder / "configuration_labelformer.py").read_text()
+
+    input_ids, attention_mask, _ = random_batch(config)
+    kwargs = dict(max_new_tokens=6, num_beams=2)
+    expected = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs).tolist()
+    base_model = LabelformerModel.from_pretrained(folder).eval()
+    decoder_input_ids = torch.tensor(expected)[:, :4]
+    expected_hidden = base_model(
+        input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids
+    ).last_hidden_state
+
+    result = run_isolated(
+        f"""
+        import json, torch
+        from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+        folder = {str(folder)!r}
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True).eval()
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        ids = torch.tensor({input_ids.tolist()}); mask = torch.tensor({attention_mask.tolist()})
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=2)
+        hidden = base(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.tensor({decoder_input_ids.tolist()}))
+        print(json.dumps({{
+            "config": type(config).__name__, "model": type(model).__name__, "base": type(base).__name__,
+            "module": type(model).__module__, "generated": out.tolist(),
+            "hidden": hidden.last_hidden_state.tolist(),
+        }}))
+        """,
+        cwd=tmp_path,
+    )
+    assert result["config"] == "LabelformerConfig"
+    assert result["model"] == "LabelformerForConditionalGeneration"
+    assert result["base"] == "LabelformerModel"
+    assert result["module"].startswith("transformers_modules")
+    assert result["generated"] == expected
+    torch.testing.assert_close(torch.tensor(result["hidden"]), expected_hidden, atol=1e-5, rtol=1e-5)
