@@ -233,10 +233,29 @@ class LabelformerConfig(PretrainedConfig):
                     f"`{name}` ({value}) must be a valid decoder token id in [0, {self.decoder_vocab_size})."
                 )
 
+    @classmethod
+    def from_labels(cls, labels: list[str], **kwargs: Any) -> LabelformerConfig:
+        """A config for the multi-label heads: ``labels`` become ``id2label`` in the given order.
+
+        Pass labels most frequent first (as `build_label_vocabulary` returns them) so that the
+        ``"frequency"`` target order is ascending label id. The decoder vocabulary is the label
+        set plus pad/bos/eos.
+        """
+        if len(set(labels)) != len(labels) or not all(isinstance(label, str) and label for label in labels):
+            raise ValueError("`labels` must be distinct non-empty strings.")
+        id2label = dict(enumerate(labels))
+        kwargs.setdefault("share_embeddings", False)
+        return cls(
+            id2label=id2label,
+            label2id={label: i for i, label in id2label.items()},
+            decoder_vocab_size=len(labels) + NUM_SPECIAL_DECODER_TOKENS,
+            **kwargs,
+        )
+
     @property
     def effective_max_labels(self) -> int:
         """``max_labels``, or the number of labels when unset."""
-        return self.max_labels if self.max_labels is not None else self.num_labels
+        return min(self.max_labels, self.num_labels) if self.max_labels is not None else self.num_labels
 
     @property
     def effective_num_label_slots(self) -> int:
@@ -244,4 +263,10 @@ class LabelformerConfig(PretrainedConfig):
         return self.num_label_slots if self.num_label_slots is not None else self.effective_max_labels + 1
 
 
-__all__ = ["LabelformerConfig"]
+__all__ = [
+    "BOS_TOKEN_ID",
+    "EOS_TOKEN_ID",
+    "NUM_SPECIAL_DECODER_TOKENS",
+    "PAD_TOKEN_ID",
+    "LabelformerConfig",
+]

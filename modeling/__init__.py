@@ -1,25 +1,57 @@
-"""Labelformer models, registered with the `transformers` Auto classes on import."""
+"""Labelformer models, registered with the `transformers` Auto classes on import.
 
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+`AutoModelForSeq2SeqLM` maps `LabelformerConfig` to both generation heads; which one a saved
+folder gets is decided by `config.architectures` (written by `save_pretrained`).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 from configuration import LabelformerConfig
 
+from .data_labelformer import (
+    MultiLabelCollator,
+    build_label_vocabulary,
+    load_multilabel_dataset,
+    split_unknown_labels,
+)
 from .modeling_labelformer import (
     LabelformerForConditionalGeneration,
     LabelformerModel,
     LabelformerPreTrainedModel,
 )
+from .multilabel_labelformer import (
+    LabelformerForMultiLabelClassification,
+    LabelformerForMultiLabelGeneration,
+    LabelSetLogitsProcessor,
+)
+from .multilabel_metrics import METRIC_PATH, compute_multilabel_metrics
+from .tokenization_labelformer import train_tokenizer
 
 AutoConfig.register(LabelformerConfig.model_type, LabelformerConfig, exist_ok=True)
 AutoModel.register(LabelformerConfig, LabelformerModel, exist_ok=True)
-AutoModelForSeq2SeqLM.register(LabelformerConfig, LabelformerForConditionalGeneration, exist_ok=True)
+AutoModelForSeq2SeqLM.register(
+    LabelformerConfig, (LabelformerForConditionalGeneration, LabelformerForMultiLabelGeneration), exist_ok=True
+)
+AutoModelForSequenceClassification.register(LabelformerConfig, LabelformerForMultiLabelClassification, exist_ok=True)
 # Saved folders name these classes in `auto_map` and carry their code.
 LabelformerModel.register_for_auto_class("AutoModel")
 LabelformerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+LabelformerForMultiLabelGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+LabelformerForMultiLabelClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "METRIC_PATH",
+    "LabelSetLogitsProcessor",
     "LabelformerConfig",
     "LabelformerForConditionalGeneration",
+    "LabelformerForMultiLabelClassification",
+    "LabelformerForMultiLabelGeneration",
     "LabelformerModel",
     "LabelformerPreTrainedModel",
+    "MultiLabelCollator",
+    "build_label_vocabulary",
+    "compute_multilabel_metrics",
+    "load_multilabel_dataset",
+    "split_unknown_labels",
+    "train_tokenizer",
 ]

@@ -524,9 +524,9 @@ class LabelformerPreTrainedModel(PreTrainedModel):
         A class registers for one auto class only; the bare model is added by hand so that
         ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works from any head's folder.
         """
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map.setdefault("AutoModel", f"{__name__.rsplit('.', 1)[-1]}.LabelformerModel")
-        self.config.auto_map = auto_map
+        # Start from a clean map: a config shared with (or loaded from) another head must not keep
+        # that head's entry. The config and this class add their own entries while saving.
+        self.config.auto_map = {"AutoModel": f"{__name__.rsplit('.', 1)[-1]}.LabelformerModel"}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _tied_keys(self) -> dict[str, str]:

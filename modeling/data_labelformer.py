@@ -1,0 +1,279 @@
+"""Multi-label data: loading, label vocabularies, label-sequence targets and batch collation.
+
+A multi-label data set here is any table with a text column and a label column, where labels are
+either a list of strings or one string with a delimiter. Everything is normalised to two columns,
+``text`` (str) and ``labels`` (list of str).
+
+Label ids are assigned by descending training-set frequency (ties alphabetically), so the
+``"frequency"`` target order (most frequent label first, as in SGM, Yang et al. 2018) is simply
+ascending label id.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
+
+logger = logging.get_logger(__name__)
+
+#: The embedded default data set (Reuters-21578 ApteMod), shipped in the repository.
+REUTERS_DIR = Path(__file__).resolve().parent.parent / "data" / "reuters21578"
+_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _format_of(path: str) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    suffix = Path(name).suffix.lower()
+    if suffix not in _FORMATS:
+        raise ValueError(f"Cannot read {path!r}: the extension must be one of {sorted(_FORMATS)} (optionally .gz).")
+    return _FORMATS[suffix]
+
+
+def normalize_labels(value: Any, delimiter: str | None, where: str) -> list[str]:
+    """A row's labels as a list of unique, stripped strings (order kept).
+
+    Raises:
+        ValueError: the value is neither a list of strings nor a string, naming ``where``.
+    """
+    if isinstance(value, str):
+        parts = value.split(delimiter) if delimiter is not None else [value]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        parts = list(value)
+    else:
+        raise ValueError(
+            f"{where}: labels must be a list of strings or a string (split with --label_delimiter), "
+            f"got {type(value).__name__} {value!r}."
+        )
+    return list(dict.fromkeys(p.strip() for p in parts if p.strip()))
+
+
+def load_multilabel_dataset(
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    test_file: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    text_column: str = "text",
+    label_column: str = "labels",
+    label_delimiter: str | None = None,
+    validation_fraction: float = 0.1,
+    seed: int = 42,
+    max_train_samples: int | None = None,
+):
+    """Load a multi-label data set as a `datasets.DatasetDict` with ``train``, ``validation`` and ``test``.
+
+    With no arguments, the embedded Reuters-21578 ApteMod files are used. Local files may be
+    jsonl/json/csv/tsv/parquet (optionally gzipped); ``dataset_name`` is a Hub data set for users
+    with a network. Without a validation split, ``validation_fraction`` of train is carved out with
+    ``seed`` (never tune on test).
+
+    Returns:
+        DatasetDict whose splits have columns ``text`` (str) and ``labels`` (list of str).
+    """
+    import datasets
+
+    if dataset_name is None and train_file is None:
+        train_file = str(REUTERS_DIR / "train.jsonl.gz")
+        test_file = test_file or str(REUTERS_DIR / "test.jsonl.gz")
+    if dataset_name is not None:
+        raw = datasets.load_dataset(dataset_name, dataset_config_name)
+    else:
+        files = {"train": train_file, "validation": validation_file, "test": test_file}
+        files = {split: path for split, path in files.items() if path is not None}
+        for split, path in files.items():
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"The {split} file {path!r} does not exist.")
+        formats = {_format_of(path) for path in files.values()}
+        if len(formats) > 1:
+            raise ValueError(f"All data files must have one format, got {sorted(formats)}.")
+        fmt = formats.pop()
+        kwargs = {"delimiter": "\t"} if any(p.endswith((".tsv", ".tsv.gz")) for p in files.values()) else {}
+        raw = datasets.load_dataset(fmt, data_files=files, **kwargs)
+    if "train" not in raw:
+        raise ValueError(f"The data set has no 'train' split (splits: {list(raw)}).")
+
+    def normalise(split: str, ds):
+        missing = [c for c in (text_column, label_column) if c not in ds.column_names]
+        if missing:
+            raise ValueError(
+                f"The {split} split has no column {missing[0]!r}; its columns are {ds.column_names}. "
+                "Name the right ones with --text_column / --label_column."
+            )
+        texts, labels, empty = [], [], 0
+        for i, (text, value) in enumerate(zip(ds[text_column], ds[label_column])):
+            if not isinstance(text, str):
+                raise ValueError(f"{split} row {i}: the text must be a string, got {type(text).__name__}.")
+            empty += not text.strip()
+            texts.append(text)
+            labels.append(normalize_labels(value, label_delimiter, f"{split} row {i}"))
+        if empty:
+            logger.warning(
+                "%s: %d of %d texts are empty; they are kept (the model sees only EOS).", split, empty, len(ds)
+            )
+        return datasets.Dataset.from_dict({"text": texts, "labels": labels})
+
+    splits = {split: normalise(split, ds) for split, ds in raw.items()}
+    if "validation" not in splits:
+        if not 0.0 < validation_fraction < 1.0:
+            raise ValueError(f"`validation_fraction` must be in (0, 1), got {validation_fraction}.")
+        carved = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
+        splits["train"], splits["validation"] = carved["train"], carved["test"]
+    if max_train_samples is not None:
+        splits["train"] = splits["train"].select(range(min(max_train_samples, len(splits["train"]))))
+    return datasets.DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label vocabulary
+# ---------------------------------------------------------------------------------------------
+
+
+def build_label_vocabulary(label_sets: Iterable[Sequence[str]], allow_empty: bool = False) -> list[str]:
+    """All labels of the training data, most frequent first (ties alphabetically).
+
+    Raises:
+        ValueError: a row has no labels and ``allow_empty`` is False (the error names the row).
+    """
+    counts: Counter[str] = Counter()
+    for i, labels in enumerate(label_sets):
+        if not labels and not allow_empty:
+            raise ValueError(
+                f"Training row {i} has no labels. Remove it, or allow empty label sets "
+                "(allow_empty=True / --allow_empty_labels, which sets min_labels=0)."
+            )
+        counts.update(labels)
+    if not counts:
+        raise ValueError("The training data has no labels at all.")
+    return sorted(counts, key=lambda label: (-counts[label], label))
+
+
+def split_unknown_labels(
+    label_sets: Iterable[Sequence[str]], label2id: dict[str, int]
+) -> tuple[list[list[str]], Counter[str]]:
+    """Drop labels the model does not know; returns the kept label sets and a count of the dropped ones."""
+    kept, unknown = [], Counter()
+    for labels in label_sets:
+        kept.append([label for label in labels if label in label2id])
+        unknown.update(label for label in labels if label not in label2id)
+    return kept, unknown
+
+
+def report_unknown_labels(unknown: Counter[str], split: str) -> None:
+    """Log labels found in ``split`` but never seen in training (they cannot be predicted)."""
+    if unknown:
+        top = ", ".join(f"{label} ({n})" for label, n in unknown.most_common(10))
+        logger.warning(
+            "%s: %d occurrences of %d labels unseen in training are ignored: %s",
+            split,
+            sum(unknown.values()),
+            len(unknown),
+            top,
+        )
+
+
+def order_label_ids(label_ids: Sequence[int], order: str, rng: random.Random | None = None) -> list[int]:
+    """Write a label set as a sequence: ``frequency`` (ascending id), ``alphabetical`` or ``random``.
+
+    ``alphabetical`` needs names: pass ids already sorted by name through `order_labels` instead.
+    """
+    if order == "random":
+        shuffled = list(label_ids)
+        (rng or random).shuffle(shuffled)
+        return shuffled
+    return sorted(label_ids)
+
+
+def order_labels(
+    labels: Sequence[str], label2id: dict[str, int], order: str, rng: random.Random | None = None
+) -> list[int]:
+    """Label names -> label ids in the target order given by ``order`` (see `LabelformerConfig.label_order`)."""
+    ids = [label2id[label] for label in labels]
+    if order == "alphabetical":
+        return [label2id[label] for label in sorted(labels)]
+    return order_label_ids(ids, order, rng)
+
+
+def label_target(label_ids: Sequence[int]) -> list[int]:
+    """Decoder target for one document: label tokens (label id + 3) followed by EOS."""
+    return [i + NUM_SPECIAL_DECODER_TOKENS for i in label_ids] + [EOS_TOKEN_ID]
+
+
+# ---------------------------------------------------------------------------------------------
+# Collation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MultiLabelCollator:
+    """Turn rows ``{"text": str, "labels": [str]}`` into a model batch.
+
+    For ``head="generation"`` the batch has ``labels`` ``[b, t]``: each label set in the
+    config's ``label_order`` then EOS, padded with -100. ``"random"`` order draws a new
+    permutation each time a row is collated, so every epoch sees fresh orders. For
+    ``head="classification"`` ``labels`` is a ``[b, num_labels]`` 0/1 float matrix.
+    Labels unknown to the config are dropped (count them with `split_unknown_labels` first).
+    """
+
+    tokenizer: Any
+    config: LabelformerConfig
+    max_length: int = 256
+    head: str = "generation"
+    seed: int = 0
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.head not in ("generation", "classification", "parallel"):
+            raise ValueError(f"`head` must be 'generation', 'classification' or 'parallel', got {self.head!r}.")
+        self.rng = random.Random(self.seed)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            [row["text"] for row in rows],
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        label2id = self.config.label2id
+        label_sets = [[label for label in row["labels"] if label in label2id] for row in rows]
+        if self.head == "classification":
+            targets = torch.zeros(len(rows), self.config.num_labels)
+            for i, labels in enumerate(label_sets):
+                targets[i, [label2id[label] for label in labels]] = 1.0
+        else:
+            sequences = [
+                label_target(order_labels(labels, label2id, self.config.label_order, self.rng)) for labels in label_sets
+            ]
+            targets = torch.full((len(rows), max(map(len, sequences))), -100, dtype=torch.long)
+            for i, sequence in enumerate(sequences):
+                targets[i, : len(sequence)] = torch.tensor(sequence)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": targets}
+
+
+__all__ = [
+    "REUTERS_DIR",
+    "MultiLabelCollator",
+    "build_label_vocabulary",
+    "label_target",
+    "load_multilabel_dataset",
+    "normalize_labels",
+    "order_label_ids",
+    "order_labels",
+    "report_unknown_labels",
+    "split_unknown_labels",
+]

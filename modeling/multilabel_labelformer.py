@@ -1,0 +1,428 @@
+"""Multi-label heads on the Labelformer backbone.
+
+- `LabelformerForMultiLabelGeneration`: multi-label classification as label-sequence generation
+  (SGM, Yang et al. 2018). The decoder vocabulary is the label set plus pad/bos/eos (label ``k`` is
+  token ``k + 3``); the target is the document's labels in a fixed order followed by EOS, so the
+  model decides how many labels a document gets. Decoding is constrained by
+  `LabelSetLogitsProcessor`: label tokens only, no label twice, EOS only after ``min_labels``,
+  at most ``max_labels``.
+- `LabelformerForMultiLabelClassification`: the binary-relevance baseline, a sigmoid per label
+  on the mean-pooled encoder with a decision threshold tuned on validation data.
+
+Both answer `predict_labels(texts)` with label names (and scores).
+
+This file is copied into saved model folders and must only import our own code relatively.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
+from transformers.utils import logging
+
+from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
+from .modeling_labelformer import (
+    LabelformerEncoder,
+    LabelformerForConditionalGeneration,
+    LabelformerPreTrainedModel,
+    shift_tokens_right,
+)
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Constrained decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def allowed_label_tokens(prefixes: torch.Tensor, vocab_size: int, min_labels: int, max_labels: int) -> torch.Tensor:
+    """Which decoder tokens may follow each prefix of each sequence.
+
+    Rules: only label tokens or EOS; never a label already in the prefix; EOS only once the prefix
+    holds ``min_labels`` labels (or no label is left); no label once it holds ``max_labels``.
+
+    Args:
+        prefixes: ``[n, t]`` decoder inputs (start token first).
+
+    Returns:
+        ``[n, t, vocab_size]`` boolean: entry ``[i, j, v]`` says token ``v`` may follow ``prefixes[i, :j+1]``.
+    """
+    present = nn.functional.one_hot(prefixes, vocab_size).cumsum(dim=1) > 0  # [n, t, v]
+    num_labels = (prefixes >= NUM_SPECIAL_DECODER_TOKENS).long().cumsum(dim=1)  # [n, t]
+    allowed = ~present
+    allowed[..., :NUM_SPECIAL_DECODER_TOKENS] = False
+    allowed[..., NUM_SPECIAL_DECODER_TOKENS:] &= (num_labels < max_labels)[..., None]
+    nothing_left = ~allowed[..., NUM_SPECIAL_DECODER_TOKENS:].any(dim=-1)
+    allowed[..., EOS_TOKEN_ID] = (num_labels >= min_labels) | nothing_left
+    return allowed
+
+
+class LabelSetLogitsProcessor(LogitsProcessor):
+    """Constrain `generate()` to valid label sets; works per beam, with greedy, beam search and sampling."""
+
+    def __init__(self, min_labels: int, max_labels: int) -> None:
+        self.min_labels = min_labels
+        self.max_labels = max_labels
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """``input_ids`` ``[n, t]`` so far, ``scores`` ``[n, v]`` -> scores with forbidden tokens at -inf."""
+        allowed = allowed_label_tokens(input_ids, scores.shape[-1], self.min_labels, self.max_labels)[:, -1]
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+# ---------------------------------------------------------------------------------------------
+# predict_labels, shared by every multi-label head
+# ---------------------------------------------------------------------------------------------
+
+
+def check_texts(texts: str | Sequence[str], allow_empty: bool = False) -> list[str]:
+    """Validate raw texts; a single string counts as a list of one.
+
+    Raises:
+        ValueError: a text is not a string, or is empty/blank (unless ``allow_empty``); names its index.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, Sequence):
+        raise ValueError(f"`texts` must be a string or a list of strings, got {type(texts).__name__}.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"Text at index {i} is a {type(text).__name__}, not a string.")
+        if not allow_empty and not text.strip():
+            raise ValueError(f"Text at index {i} is empty; pass a non-empty document (or allow_empty=True).")
+    return list(texts)
+
+
+class MultiLabelPredictionMixin:
+    """`predict_labels` for a head that implements ``_predict_batch``."""
+
+    config: LabelformerConfig
+
+    def _resolve_tokenizer(self, tokenizer: Any | None) -> Any:
+        if tokenizer is not None:
+            return tokenizer
+        cached = getattr(self, "_labelformer_tokenizer", None)
+        if cached is not None:
+            return cached
+        from transformers import AutoTokenizer
+
+        source = getattr(self, "name_or_path", "") or ""
+        try:
+            self._labelformer_tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as error:  # no tokenizer saved beside the model, or no path at all
+            raise ValueError(
+                "predict_labels needs a tokenizer: pass tokenizer=..., or load the model from a folder "
+                f"that holds its tokenizer (tried {source!r}: {error})."
+            ) from error
+        return self._labelformer_tokenizer
+
+    @torch.inference_mode()
+    def predict_labels(
+        self,
+        texts: str | Sequence[str],
+        tokenizer: Any | None = None,
+        num_beams: int = 1,
+        batch_size: int = 32,
+        return_scores: bool = False,
+        max_length: int | None = None,
+        allow_empty: bool = False,
+    ) -> list[list[str]] | list[dict[str, float]]:
+        """Predict the label set of each raw text.
+
+        Args:
+            texts: one string or a list of strings.
+            tokenizer: the model's tokenizer; by default the one saved beside the model.
+            num_beams: beam width for the generation heads (1 = greedy); ignored by the threshold head.
+            batch_size: texts per forward pass (texts are sorted by length to pad little).
+            return_scores: return ``{label: score}`` dicts instead of lists of names.
+            max_length: truncate texts to this many tokens (default: the tokenizer's limit).
+            allow_empty: accept empty texts (the model then sees only EOS).
+
+        Returns:
+            One entry per text, in input order: a list of label names, or with ``return_scores``
+            a dict ``{label: probability}`` in the order the labels were predicted.
+        """
+        texts = check_texts(texts, allow_empty)
+        tokenizer = self._resolve_tokenizer(tokenizer)
+        if len(tokenizer) > self.config.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the model's `vocab_size` is "
+                f"{self.config.vocab_size}: this tokenizer does not belong to this model."
+            )
+        if max_length is None:
+            max_length = min(tokenizer.model_max_length, 100_000)
+            if self.config.position_embedding_type == "learned":
+                max_length = min(max_length, self.config.max_position_embeddings)
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        results: list[dict[str, float] | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in chunk], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            ).to(self.device)
+            for i, scored in zip(chunk, self._predict_batch(batch["input_ids"], batch["attention_mask"], num_beams)):
+                results[i] = scored
+        self.train(was_training)
+        if return_scores:
+            return results
+        return [list(scored) for scored in results]
+
+    def _predict_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int
+    ) -> list[dict[str, float]]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# Label-sequence generation head
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_label_vocabulary(config: LabelformerConfig) -> None:
+    expected = config.num_labels + NUM_SPECIAL_DECODER_TOKENS
+    if config.decoder_vocab_size != expected:
+        raise ValueError(
+            f"`decoder_vocab_size` is {config.decoder_vocab_size} but a label decoder over {config.num_labels} "
+            f"labels needs {expected} (labels + pad/bos/eos). Build the config with "
+            "LabelformerConfig.from_labels(labels, ...)."
+        )
+
+
+class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerForConditionalGeneration):
+    """Writes a document's labels one by one and stops with EOS (multi-label as seq2seq).
+
+    Training: ``labels`` ``[b, t]`` are label tokens in the config's ``label_order`` then EOS,
+    -100 for padding (see `MultiLabelCollator`); teacher forcing with cross-entropy. With
+    ``scheduled_sampling_probability`` > 0 each gold decoder input is replaced, with that
+    probability, by the model's own greedy prediction from a first teacher-forced pass
+    (parallel scheduled sampling, Duckworth et al. 2019; Bengio et al. 2015), against exposure bias.
+
+    Inference: `generate()` always applies `LabelSetLogitsProcessor`; `predict_labels` returns names.
+    """
+
+    def __init__(self, config: LabelformerConfig) -> None:
+        _check_label_vocabulary(config)
+        super().__init__(config)
+        #: Current scheduled-sampling probability; training loops may ramp it up to the config's value.
+        self.scheduled_sampling_probability = config.scheduled_sampling_prob
+
+    def label_processor(self) -> LabelSetLogitsProcessor:
+        """The decoding constraints of this model's config."""
+        return LabelSetLogitsProcessor(self.config.min_labels, self.config.effective_max_labels)
+
+    def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate` with the label-set constraints, and room for ``max_labels`` + EOS."""
+        processors = LogitsProcessorList(logits_processor or [])
+        processors.append(self.label_processor())
+        if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
+            kwargs["max_new_tokens"] = self.config.effective_max_labels + 1
+        return super().generate(*args, logits_processor=processors, **kwargs)
+
+    def _scheduled_sampling_inputs(
+        self, labels: torch.Tensor, encoder_outputs: BaseModelOutput, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Gold decoder inputs ``[b, t]`` with some replaced by the model's own constrained greedy choices."""
+        gold = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+        with torch.no_grad():
+            detached = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state.detach())
+            logits = super().forward(attention_mask=attention_mask, encoder_outputs=detached, decoder_input_ids=gold)
+            allowed = allowed_label_tokens(
+                gold, logits.logits.shape[-1], self.config.min_labels, self.config.effective_max_labels
+            )
+            predicted = logits.logits.masked_fill(~allowed, float("-inf")).argmax(-1)  # [b, t]: guess for t+1
+        replace = torch.rand(gold.shape, device=gold.device) < self.scheduled_sampling_probability
+        replace[:, 0] = False  # the start token stays
+        replace &= labels != -100  # and so does padding (input t is label t-1; padded labels stay padded)
+        mixed = gold.clone()
+        mixed[:, 1:] = torch.where(replace[:, 1:], predicted[:, :-1], gold[:, 1:])
+        return mixed
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As `LabelformerForConditionalGeneration.forward`, plus scheduled sampling in training."""
+        if self.training and labels is not None and decoder_input_ids is None and self.scheduled_sampling_probability:
+            if encoder_outputs is None:
+                encoder_outputs = self.model.encoder(input_ids, attention_mask)
+            decoder_input_ids = self._scheduled_sampling_inputs(labels, encoder_outputs, attention_mask)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            encoder_outputs=encoder_outputs,
+            labels=labels,
+            **kwargs,
+        )
+
+    def label_scores(
+        self, sequences: torch.Tensor, encoder_outputs: BaseModelOutput, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Constrained probability of each token of ``sequences`` ``[n, t+1]`` (start token first): ``[n, t]``."""
+        inputs = sequences[:, :-1]
+        logits = super().forward(
+            attention_mask=attention_mask, encoder_outputs=encoder_outputs, decoder_input_ids=inputs
+        )
+        allowed = allowed_label_tokens(
+            inputs, logits.logits.shape[-1], self.config.min_labels, self.config.effective_max_labels
+        )
+        log_probs = logits.logits.float().masked_fill(~allowed, float("-inf")).log_softmax(-1)
+        return log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1).exp()
+
+    def _predict_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int
+    ) -> list[dict[str, float]]:
+        encoder_outputs = self.model.encoder(input_ids, attention_mask)
+        sequences = self.generate(
+            # a fresh wrapper: beam search expands the one it gets in place
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state),
+            attention_mask=attention_mask,
+            num_beams=num_beams,
+            do_sample=False,
+        )
+        scores = self.label_scores(sequences, encoder_outputs, attention_mask)
+        id2label = self.config.id2label
+        results = []
+        for tokens, token_scores in zip(sequences[:, 1:].tolist(), scores.tolist()):
+            scored = {}
+            for token, score in zip(tokens, token_scores):
+                if token < NUM_SPECIAL_DECODER_TOKENS:
+                    break  # EOS (or padding after it)
+                scored[id2label[token - NUM_SPECIAL_DECODER_TOKENS]] = score
+            results.append(scored)
+        return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Threshold (binary relevance) head
+# ---------------------------------------------------------------------------------------------
+
+
+def threshold_decisions(probs: torch.Tensor, threshold: float, min_labels: int, max_labels: int) -> torch.Tensor:
+    """Labels chosen from sigmoid probabilities ``[n, L]``: those >= ``threshold``, at least the top
+    ``min_labels`` and at most the top ``max_labels``. Returns a boolean ``[n, L]``."""
+    ranks = probs.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = most probable
+    chosen = (probs >= threshold) & (ranks < max_labels)
+    return chosen | (ranks < min_labels)
+
+
+def micro_f1_of(chosen: torch.Tensor, targets: torch.Tensor) -> float:
+    """Micro-F1 of boolean decisions against 0/1 targets, both ``[n, L]``."""
+    gold = targets.bool()
+    true_positive = (chosen & gold).sum().item()
+    denominator = chosen.sum().item() + gold.sum().item()
+    return 2 * true_positive / denominator if denominator else 1.0
+
+
+class LabelformerForMultiLabelClassification(MultiLabelPredictionMixin, LabelformerPreTrainedModel):
+    """Binary relevance: pooled encoder -> one sigmoid per label, trained with BCE.
+
+    ``labels`` is a ``[b, num_labels]`` 0/1 matrix. A label is predicted when its probability
+    reaches ``config.classifier_threshold`` (tune it on validation data with `tune_threshold`);
+    at least ``min_labels`` (top ones) are always predicted.
+    """
+
+    base_model_prefix = "encoder"
+
+    def __init__(self, config: LabelformerConfig) -> None:
+        config.problem_type = "multi_label_classification"
+        super().__init__(config)
+        embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        self.encoder = LabelformerEncoder(config, embed_tokens)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.d_model, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.embeddings.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.encoder.embeddings.embed_tokens = value
+
+    def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """``[b, s, d]`` -> ``[b, d]``: mean over real tokens, or the first token."""
+        if self.config.classifier_pooling == "first":
+            return hidden_states[:, 0]
+        if attention_mask is None:
+            return hidden_states.mean(dim=1)
+        mask = attention_mask.to(hidden_states.dtype)[..., None]  # [b, s, 1]
+        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutput:
+        """``[b, s]`` ids -> ``logits`` ``[b, num_labels]``; with ``labels`` also the mean BCE ``loss``."""
+        encoded = self.encoder(
+            input_ids,
+            attention_mask,
+            inputs_embeds,
+            output_attentions=bool(output_attentions),
+            output_hidden_states=bool(output_hidden_states),
+        )
+        logits = self.classifier(self.dropout(self.pool(encoded.last_hidden_state, attention_mask)))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.to(torch.float32))
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
+        )
+
+    def decide(self, probs: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """Boolean ``[n, L]`` decisions for probabilities ``[n, L]`` under this config's rules."""
+        threshold = self.config.classifier_threshold if threshold is None else threshold
+        return threshold_decisions(probs, threshold, self.config.min_labels, self.config.effective_max_labels)
+
+    def tune_threshold(
+        self, probs: torch.Tensor, targets: torch.Tensor, grid: Sequence[float] | None = None
+    ) -> tuple[float, float]:
+        """Pick the threshold with the best micro-F1 on validation ``probs``/``targets`` (``[n, L]``).
+
+        Stores it in ``config.classifier_threshold`` and returns ``(threshold, micro_f1)``.
+        """
+        grid = grid if grid is not None else [round(0.05 * i, 2) for i in range(1, 20)]
+        best = max(grid, key=lambda t: (micro_f1_of(self.decide(probs, t), targets), -abs(t - 0.5)))
+        self.config.classifier_threshold = float(best)
+        return float(best), micro_f1_of(self.decide(probs, best), targets)
+
+    def _predict_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int
+    ) -> list[dict[str, float]]:
+        probs = torch.sigmoid(self(input_ids=input_ids, attention_mask=attention_mask).logits.float())
+        chosen = self.decide(probs)
+        results = []
+        for row_probs, row_chosen in zip(probs.tolist(), chosen.tolist()):
+            picked = [(p, i) for i, (p, c) in enumerate(zip(row_probs, row_chosen)) if c]
+            results.append({self.config.id2label[i]: p for p, i in sorted(picked, reverse=True)})
+        return results
+
+
+__all__ = [
+    "LabelSetLogitsProcessor",
+    "LabelformerForMultiLabelClassification",
+    "LabelformerForMultiLabelGeneration",
+    "MultiLabelPredictionMixin",
+    "allowed_label_tokens",
+    "check_texts",
+    "threshold_decisions",
+]
