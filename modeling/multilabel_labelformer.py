@@ -114,7 +114,8 @@ class MultiLabelPredictionMixin:
 
         source = getattr(self, "name_or_path", "") or ""
         try:
-            self._labelformer_tokenizer = AutoTokenizer.from_pretrained(source)
+            # Our tokenizers are plain `PreTrainedTokenizerFast`s: no custom code to trust.
+            self._labelformer_tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         except Exception as error:  # no tokenizer saved beside the model, or no path at all
             raise ValueError(
                 "predict_labels needs a tokenizer: pass tokenizer=..., or load the model from a folder "

@@ -34,7 +34,7 @@ except ImportError:
 
 
 def run_isolated(code: str, cwd: Path, timeout: int = 300) -> dict:
-    """Run ``code`` isolated; it must print one JSON object as its last line, which is returned."""
+    """Run ``code`` isolated; the last line it prints that starts with ``{`` is parsed as JSON and returned."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -54,4 +54,7 @@ def run_isolated(code: str, cwd: Path, timeout: int = 300) -> dict:
     )
     if proc.returncode != 0:
         raise AssertionError(f"isolated process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise AssertionError(f"isolated process printed no JSON:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])

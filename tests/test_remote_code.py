@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from modeling import LabelformerForConditionalGeneration, LabelformerModel
@@ -61,3 +62,76 @@ def test_saved_folder_loads_with_auto_classes_in_a_fresh_process(tmp_path):
     assert result["module"].startswith("transformers_modules")
     assert result["generated"] == expected
     torch.testing.assert_close(torch.tensor(result["hidden"]), expected_hidden, atol=1e-5, rtol=1e-5)
+
+
+TEXTS = ["wheat prices rise in chicago", "corn and wheat harvest", "company earnings up", "merger talks"]
+
+
+def _saved_multilabel_heads(folder):
+    from modeling import (
+        LabelformerConfig,
+        LabelformerForMultiLabelClassification,
+        LabelformerForMultiLabelGeneration,
+        train_tokenizer,
+    )
+
+    tokenizer = train_tokenizer(TEXTS * 5, vocab_size=60)
+    config = LabelformerConfig.from_labels(
+        ["wheat", "corn", "earn", "acq"],
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        norm_position="pre",
+    )
+    heads = {
+        "generation": LabelformerForMultiLabelGeneration(config),
+        "classification": LabelformerForMultiLabelClassification(LabelformerConfig.from_dict(config.to_dict())),
+    }
+    for name, head in heads.items():
+        head.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+    return heads, tokenizer
+
+
+def test_auto_classes_pick_the_saved_head_in_process(tmp_path):
+    from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    heads, _tokenizer = _saved_multilabel_heads(tmp_path)
+    assert type(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "generation")) is type(heads["generation"])
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classification")
+    assert type(loaded) is type(heads["classification"])
+    assert type(AutoModel.from_pretrained(tmp_path / "generation")) is LabelformerModel
+    # the tokenizer saved beside the model is found on its own
+    assert loaded.predict_labels(TEXTS) == heads["classification"].predict_labels(TEXTS, tokenizer=_tokenizer)
+
+
+def test_multilabel_folders_load_in_a_fresh_process(tmp_path):
+    heads, tokenizer = _saved_multilabel_heads(tmp_path)
+    expected = {
+        "generation": heads["generation"].predict_labels(TEXTS, tokenizer=tokenizer, num_beams=2, return_scores=True),
+        "classification": heads["classification"].predict_labels(TEXTS, tokenizer=tokenizer, return_scores=True),
+    }
+    result = run_isolated(
+        f"""
+        import json
+        from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+        root = {str(tmp_path)!r}
+        gen = AutoModelForSeq2SeqLM.from_pretrained(root + "/generation", trust_remote_code=True)
+        cls = AutoModelForSequenceClassification.from_pretrained(root + "/classification", trust_remote_code=True)
+        texts = {TEXTS!r}
+        print(json.dumps({{
+            "classes": [type(gen).__name__, type(cls).__name__],
+            "generation": gen.predict_labels(texts, num_beams=2, return_scores=True),
+            "classification": cls.predict_labels(texts, return_scores=True),
+        }}))
+        """,
+        cwd=tmp_path,
+    )
+    assert result["classes"] == ["LabelformerForMultiLabelGeneration", "LabelformerForMultiLabelClassification"]
+    for name in ("generation", "classification"):
+        assert [list(r) for r in result[name]] == [list(r) for r in expected[name]]
+        for got, want in zip(result[name], expected[name]):
+            assert got == pytest.approx(want, abs=1e-5)

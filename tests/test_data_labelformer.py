@@ -1,0 +1,98 @@
+"""Data loading, label vocabulary and unknown labels."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+
+import pytest
+
+from modeling import build_label_vocabulary, load_multilabel_dataset, split_unknown_labels
+from modeling.data_labelformer import normalize_labels, report_unknown_labels
+
+
+def write_jsonl(path, rows, compress=False):
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if compress:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+ROWS = [{"body": f"document {i}", "topics": ["a", "b"] if i % 3 == 0 else ["a"]} for i in range(20)]
+
+
+def test_label_vocabulary_is_frequency_ordered_and_rejects_empty_rows():
+    assert build_label_vocabulary([["b", "c"], ["c"], ["a", "c"], ["b"]]) == ["c", "b", "a"]
+    with pytest.raises(ValueError, match="Training row 1 has no labels"):
+        build_label_vocabulary([["a"], []])
+    assert build_label_vocabulary([["a"], []], allow_empty=True) == ["a"]
+
+
+def test_unknown_labels_are_counted_not_fatal(caplog):
+    kept, unknown = split_unknown_labels([["a", "x"], ["y", "x"], ["b"]], {"a": 0, "b": 1})
+    assert kept == [["a"], [], ["b"]]
+    assert unknown == {"x": 2, "y": 1}
+    logger = logging.getLogger("modeling.data_labelformer")
+    logger.addHandler(caplog.handler)
+    try:
+        report_unknown_labels(unknown, "test")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "3 occurrences of 2 labels unseen in training" in caplog.text
+
+
+def test_normalize_labels():
+    assert normalize_labels("a; b ;a", ";", "row 0") == ["a", "b"]
+    assert normalize_labels(["x", "y", "x"], None, "row 0") == ["x", "y"]
+    with pytest.raises(ValueError, match="row 3: labels must be a list of strings or a string"):
+        normalize_labels(7, None, "row 3")
+
+
+def test_jsonl_with_custom_columns_and_carved_validation(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl.gz", ROWS, compress=True)
+    ds = load_multilabel_dataset(train_file=train, text_column="body", label_column="topics", validation_fraction=0.25)
+    assert set(ds) == {"train", "validation"}
+    assert len(ds["train"]) == 15 and len(ds["validation"]) == 5
+    assert ds["train"].column_names == ["text", "labels"]
+    again = load_multilabel_dataset(
+        train_file=train, text_column="body", label_column="topics", validation_fraction=0.25
+    )
+    assert again["validation"]["text"] == ds["validation"]["text"]  # fixed seed
+
+
+def test_csv_with_delimited_labels(tmp_path):
+    csv = tmp_path / "train.csv"
+    csv.write_text("text,tags\n" + "".join(f"doc {i},a|b\n" for i in range(10)))
+    val = tmp_path / "val.csv"
+    val.write_text("text,tags\nhello,b\n")
+    ds = load_multilabel_dataset(
+        train_file=str(csv), validation_file=str(val), label_column="tags", label_delimiter="|"
+    )
+    assert ds["train"][0]["labels"] == ["a", "b"] and ds["validation"]["labels"] == [["b"]]
+
+
+def test_bad_inputs_have_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_multilabel_dataset(train_file=str(tmp_path / "missing.jsonl"))
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    with pytest.raises(ValueError, match="no column 'text'; its columns are"):
+        load_multilabel_dataset(train_file=train, label_column="topics")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "labels": 3}])
+    with pytest.raises(ValueError, match="train row 0: labels must be a list"):
+        load_multilabel_dataset(train_file=bad)
+    xml = tmp_path / "train.xml"
+    xml.write_text("<docs/>")
+    with pytest.raises(ValueError, match="extension"):
+        load_multilabel_dataset(train_file=str(xml))
+
+
+def test_embedded_reuters_is_the_default():
+    ds = load_multilabel_dataset()
+    assert len(ds["train"]) + len(ds["validation"]) == 7770
+    assert len(ds["test"]) == 3019
+    labels = build_label_vocabulary(ds["train"]["labels"])
+    assert labels[:2] == ["earn", "acq"]
