@@ -227,6 +227,9 @@ class MultiLabelCollator:
     permutation each time a row is collated, so every epoch sees fresh orders. For
     ``head="classification"`` ``labels`` is a ``[b, num_labels]`` 0/1 float matrix.
     Labels unknown to the config are dropped (count them with `split_unknown_labels` first).
+
+    Rows that carry a ``row`` index get their random order from ``(seed, epoch, row)`` alone, so
+    the targets of an epoch do not depend on which batches were collated before (exact resume).
     """
 
     tokenizer: Any
@@ -234,12 +237,18 @@ class MultiLabelCollator:
     max_length: int = 256
     head: str = "generation"
     seed: int = 0
+    epoch: int = 0
     rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
         if self.head not in ("generation", "classification", "parallel"):
             raise ValueError(f"`head` must be 'generation', 'classification' or 'parallel', got {self.head!r}.")
         self.rng = random.Random(self.seed)
+
+    def _rng_for(self, row: dict[str, Any]) -> random.Random:
+        if "row" in row:
+            return random.Random(f"{self.seed}:{self.epoch}:{row['row']}")
+        return self.rng
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(
@@ -256,8 +265,10 @@ class MultiLabelCollator:
             for i, labels in enumerate(label_sets):
                 targets[i, [label2id[label] for label in labels]] = 1.0
         else:
+            order = self.config.label_order
             sequences = [
-                label_target(order_labels(labels, label2id, self.config.label_order, self.rng)) for labels in label_sets
+                label_target(order_labels(labels, label2id, order, self._rng_for(row)))
+                for row, labels in zip(rows, label_sets)
             ]
             targets = torch.full((len(rows), max(map(len, sequences))), -100, dtype=torch.long)
             for i, sequence in enumerate(sequences):

@@ -1,0 +1,139 @@
+"""Evaluation helpers shared by the example scripts: predictions, metrics, reports, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging
+
+from .multilabel_metrics.multilabel_metrics import compute_multilabel_metrics, per_label_scores
+
+logger = logging.get_logger(__name__)
+
+METRIC_KEYS = ("micro_f1", "macro_f1", "example_f1", "subset_accuracy", "hamming_loss", "jaccard")
+
+
+def predict_texts(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    num_beams: int = 1,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    return_scores: bool = False,
+) -> list:
+    """`predict_labels` over many texts (empty texts allowed), in chunks so ``progress(n)`` can tick."""
+    predictions: list = []
+    chunk = max(batch_size * 4, 1)
+    for start in range(0, len(texts), chunk):
+        part = list(texts[start : start + chunk])
+        predictions.extend(
+            model.predict_labels(
+                part,
+                tokenizer=tokenizer,
+                num_beams=num_beams,
+                batch_size=batch_size,
+                max_length=max_length,
+                allow_empty=True,
+                return_scores=return_scores,
+            )
+        )
+        if progress is not None:
+            progress(len(part))
+    return predictions
+
+
+def evaluate_predictions(
+    predictions: Sequence[Sequence[str]], references: Sequence[Sequence[str]], labels: Sequence[str]
+) -> dict[str, float]:
+    """The six metrics of `compute_multilabel_metrics` over the model's label vocabulary."""
+    return compute_multilabel_metrics(predictions, references, labels=labels)
+
+
+def per_label_table(
+    predictions: Sequence[Sequence[str]], references: Sequence[Sequence[str]], labels: Sequence[str]
+) -> str:
+    """A markdown table of precision, recall, F1 and support per label (most frequent first)."""
+    scores = per_label_scores(predictions, references, labels)
+    lines = ["| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for label in sorted(labels, key=lambda x: -scores[x]["support"]):
+        s = scores[label]
+        lines.append(f"| {label} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_training_curve(history: list[dict[str, float]], path: str | os.PathLike) -> bool:
+    """Loss per step and validation micro/macro-F1 per epoch as a PNG; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no training curve written (pip install matplotlib).")
+        return False
+    steps = [h for h in history if "loss" in h]
+    evals = [h for h in history if "validation_micro_f1" in h]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([h["step"] for h in steps], [h["loss"] for h in steps], lw=1)
+    left.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
+    for key in ("validation_micro_f1", "validation_macro_f1", "validation_subset_accuracy"):
+        right.plot([h["epoch"] for h in evals], [h[key] for h in evals], marker="o", label=key.split("_", 1)[1])
+    right.set(xlabel="epoch", ylabel="score", title="Validation")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_json(data: Any, path: str | os.PathLike) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def atomic_directory(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Create ``target`` by ``write(tmp_dir)`` then a rename, so a crash never leaves it half-written.
+
+    An existing ``target`` is replaced only once the new one is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".old-{target.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+__all__ = [
+    "METRIC_KEYS",
+    "atomic_directory",
+    "evaluate_predictions",
+    "per_label_table",
+    "plot_training_curve",
+    "predict_texts",
+    "write_json",
+]

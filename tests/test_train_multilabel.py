@@ -1,0 +1,204 @@
+"""The Accelerate training job: outputs, exact resume, multi-process equivalence, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling.evaluation_labelformer import atomic_directory
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "train_multilabel.py"
+REUTERS = ROOT / "data" / "reuters21578"
+TINY = [
+    "--d_model", "32", "--ffn_dim", "64", "--attention_heads", "2", "--encoder_layers", "1", "--decoder_layers", "1",
+    "--vocab_size", "600", "--max_length", "48", "--batch_size", "8", "--eval_batch_size", "32", "--no_progress",
+    "--report_to", "none", "--num_beams", "1", "--show_examples", "2", "--learning_rate", "3e-3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, data_files) -> str:
+    """One tokenizer for runs that must be compared bit for bit (tokenizer training breaks ties
+    differently from process to process; a resumed run reuses its own saved tokenizer)."""
+    from modeling import load_multilabel_dataset, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    texts = load_multilabel_dataset(train_file=data_files["train"], text_column="body", label_column="topics")
+    train_tokenizer(texts["train"]["text"], vocab_size=600, model_max_length=48).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, str]:
+    """Small train/test files cut from the embedded Reuters data."""
+    folder = tmp_path_factory.mktemp("data")
+    files = {}
+    for split, n in (("train", 160), ("test", 40)):
+        with gzip.open(REUTERS / f"{split}.jsonl.gz", "rt") as f:
+            rows = [json.loads(next(f)) for _ in range(n)]
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({"body": r["text"], "topics": r["labels"]}) + "\n" for r in rows))
+        files[split] = str(path)
+    return files
+
+
+def run(args: list[str], launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = (launcher or [sys.executable]) + [str(SCRIPT), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def data_args(files: dict[str, str]) -> list[str]:
+    return ["--train_file", files["train"], "--test_file", files["test"], "--text_column", "body", "--label_column",
+            "topics", "--validation_fraction", "0.2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("head", ["generation", "threshold"])
+def test_training_writes_model_metrics_card_and_plots(tmp_path, data_files, head):
+    out = tmp_path / "run"
+    proc = run([*TINY, *data_args(data_files), "--head", head, "--epochs", "2", "--output_dir", str(out)])
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert {"micro_f1", "macro_f1", "example_f1", "subset_accuracy", "hamming_loss", "jaccard"} <= set(metrics)
+    assert "Test metrics" in proc.stdout and "Example predictions" in proc.stdout
+    expected = ["model.safetensors", "config.json", "tokenizer.json", "README.md", "per_label_metrics.md",
+                "training_curve.png", "history.json", "multilabel_labelformer.py"]  # fmt: skip
+    for name in expected:
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin"))
+    card = (out / "README.md").read_text()
+    assert "model-index" in card and f"{metrics['micro_f1']:.4f}" in card
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history if "epoch" in h] == [1, 2]
+
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSeq2SeqLM if head == "generation" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(out)
+    predictions = model.predict_labels(["Wheat and corn exports rose", "Net profit up 10 pct"])
+    assert len(predictions) == 2 and all(isinstance(p, list) and p for p in predictions)
+
+
+def final_checkpoint(out: Path) -> Path:
+    return max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, tokenizer_dir):
+    common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "2",
+              "--save_every_steps", "5", "--label_order", "random",
+              "--scheduled_sampling", "0.3", "--save_total_limit", "10"]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run([*common, "--output_dir", str(straight)])
+    # 16 batches per epoch: step 20 is mid-epoch 2, after a checkpoint at 15 and one at epoch end (16)
+    run([*common, "--output_dir", str(resumed), "--stop_after_steps", "20"])
+    assert not (resumed / "test_metrics.json").exists()
+    # a half-written checkpoint (a kill during a save) is never picked up
+    (resumed / "checkpoints" / ".tmp-checkpoint-25").mkdir()
+    proc = run([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    assert "resumed from" in proc.stderr and "checkpoint-20" in proc.stderr
+
+    def losses(out: Path) -> list[tuple[int, float]]:
+        return [(h["step"], h["loss"]) for h in json.loads((out / "history.json").read_text()) if "loss" in h]
+
+    assert losses(resumed) == losses(straight)
+    a, b = (
+        load_file(final_checkpoint(straight) / "model.safetensors"),
+        load_file(final_checkpoint(resumed) / "model.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert json.loads((resumed / "test_metrics.json").read_text()) == json.loads(
+        (straight / "test_metrics.json").read_text()
+    )
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_files, tokenizer_dir):
+    common = [
+        *TINY,
+        *data_args(data_files),
+        "--tokenizer_name_or_path",
+        tokenizer_dir,
+        "--max_steps",
+        "6",
+        "--epochs",
+        "1",
+        "--dropout",
+        "0",
+        "--cpu",
+    ]
+    single, double = tmp_path / "single", tmp_path / "double"
+    run([*common, "--output_dir", str(single), "--batch_size", "8"])
+    # torchrun starts 2 CPU processes; Accelerate sees WORLD_SIZE=2 and trains with gloo (MULTI_CPU)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = run([*common, "--output_dir", str(double), "--batch_size", "4"], launcher=launcher)
+    assert "2 process(es) (DistributedType.MULTI_CPU)" in proc.stderr
+
+    def losses(out: Path) -> list[float]:
+        return [h["loss"] for h in json.loads((out / "history.json").read_text()) if "loss" in h]
+
+    assert len(losses(single)) == 6
+    assert losses(double) == pytest.approx(losses(single), rel=1e-4, abs=1e-5)
+    a, b = (
+        load_file(final_checkpoint(single) / "model.safetensors"),
+        load_file(final_checkpoint(double) / "model.safetensors"),
+    )
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+
+
+def test_bad_input_gives_clear_errors(tmp_path, data_files):
+    out = str(tmp_path / "out")
+    cases = [
+        (["--train_file", str(tmp_path / "nope.jsonl")], "does not exist"),
+        (["--train_file", data_files["train"], "--label_column", "topics"], "no column 'text'"),
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a", "labels": 5}) + "\n")
+    cases.append((["--train_file", str(bad)], "labels must be a list of strings or a string"))
+    for extra, message in cases:
+        proc = run([*TINY, *extra, "--output_dir", out, "--overwrite_output_dir"], check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something.txt").write_text("keep me")
+    proc = run([*TINY, *data_args(data_files), "--output_dir", str(full)], check=False)
+    assert proc.returncode == 2 and "is not empty" in proc.stderr and (full / "something.txt").exists()
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, data_files):
+    out = tmp_path / "nan"
+    args = [*TINY, *data_args(data_files), "--output_dir", str(out), "--save_every_steps", "2", "--epochs", "1"]
+    proc = run([*args, "--learning_rate", "1e30", "--warmup_ratio", "0", "--max_grad_norm", "0"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "training loss became nan" in proc.stderr or "training loss became inf" in proc.stderr
+    assert "resume with --resume_from_checkpoint latest" in proc.stderr
+
+
+def test_atomic_directory_keeps_the_old_copy_when_a_write_fails(tmp_path):
+    target = tmp_path / "checkpoint"
+    atomic_directory(target, lambda d: (d / "weights").write_text("good"))
+
+    def crash(d: Path) -> None:
+        (d / "weights").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_directory(target, crash)
+    assert (target / "weights").read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    shutil.rmtree(target)
