@@ -61,6 +61,7 @@ from modeling.evaluation_labelformer import (  # noqa: E402
     write_json,
 )
 from modeling.hub_labelformer import REUTERS_DESCRIPTION, build_model_card  # noqa: E402
+from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
 logger = logging.getLogger("train_multilabel")
 
@@ -70,9 +71,9 @@ HEADS = {"generation": LabelformerForMultiLabelGeneration, "threshold": Labelfor
 PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores, under 10 minutes end to end (tokenizer, training, test evaluation).
     "quick": dict(
-        vocab_size=8000, max_length=128, d_model=128, encoder_layers=2, decoder_layers=1, attention_heads=4,
-        ffn_dim=512, dropout=0.1, epochs=6, batch_size=32, learning_rate=2e-3, warmup_ratio=0.05,
-        norm_position="pre", early_stopping_patience=3,
+        vocab_size=8000, max_length=96, d_model=128, encoder_layers=2, decoder_layers=1, attention_heads=4,
+        ffn_dim=512, dropout=0.1, epochs=10, batch_size=32, learning_rate=2e-3, warmup_ratio=0.05,
+        norm_position="pre", early_stopping_patience=4,
     ),
     # Transformer-base (Vaswani et al.) for GPUs.
     "base": dict(
@@ -147,7 +148,7 @@ def get_tokenizer(args: argparse.Namespace, accelerator: Accelerator, texts: lis
         return AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
     if not resuming and accelerator.is_main_process:
         tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, model_max_length=args.max_length)
-        atomic_directory(saved, tokenizer.save_pretrained)
+        atomic_directory(saved, lambda folder: save_tokenizer(tokenizer, folder))
     accelerator.wait_for_everyone()
     return AutoTokenizer.from_pretrained(saved)
 
@@ -263,7 +264,7 @@ def save_model(accelerator: Accelerator, model, tokenizer, folder: Path) -> None
 
         def write(tmp: Path) -> None:
             unwrapped.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
 
         atomic_directory(folder, write)
     accelerator.wait_for_everyone()
@@ -499,7 +500,7 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
             results["beam"] = {"num_beams": args.num_beams, **evaluate_predictions(beam, references, labels)}
     if accelerator.is_main_process:
         model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        save_tokenizer(tokenizer, out)
         metrics = {k: results[k] for k in METRIC_KEYS if k in results}
         training_args = {
             k: getattr(args, k)

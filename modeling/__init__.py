@@ -5,6 +5,7 @@ folder gets is decided by `config.architectures` (written by `save_pretrained`).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from configuration import LabelformerConfig
 
@@ -25,6 +26,8 @@ from .multilabel_labelformer import (
     LabelSetLogitsProcessor,
 )
 from .multilabel_metrics import METRIC_PATH, compute_multilabel_metrics
+from .pipeline_labelformer import TASK as PIPELINE_TASK
+from .pipeline_labelformer import MultiLabelGenerationPipeline
 from .tokenization_labelformer import train_tokenizer
 
 AutoConfig.register(LabelformerConfig.model_type, LabelformerConfig, exist_ok=True)
@@ -33,6 +36,12 @@ AutoModelForSeq2SeqLM.register(
     LabelformerConfig, (LabelformerForConditionalGeneration, LabelformerForMultiLabelGeneration), exist_ok=True
 )
 AutoModelForSequenceClassification.register(LabelformerConfig, LabelformerForMultiLabelClassification, exist_ok=True)
+PIPELINE_REGISTRY.register_pipeline(
+    PIPELINE_TASK,
+    pipeline_class=MultiLabelGenerationPipeline,
+    pt_model=(AutoModelForSeq2SeqLM, AutoModelForSequenceClassification),
+    type="text",
+)
 # Saved folders name these classes in `auto_map` and carry their code.
 LabelformerModel.register_for_auto_class("AutoModel")
 LabelformerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
@@ -49,6 +58,7 @@ __all__ = [
     "LabelformerModel",
     "LabelformerPreTrainedModel",
     "MultiLabelCollator",
+    "MultiLabelGenerationPipeline",
     "build_label_vocabulary",
     "compute_multilabel_metrics",
     "load_multilabel_dataset",

@@ -123,4 +123,97 @@ def build_model_card(
     )
 
 
-__all__ = ["HUB_CARD_TEMPLATE", "REUTERS_DESCRIPTION", "build_model_card"]
+def _head_class(model_dir: Path) -> type:
+    import json
+
+    from . import LabelformerForConditionalGeneration, LabelformerModel
+    from .multilabel_labelformer import LabelformerForMultiLabelClassification, LabelformerForMultiLabelGeneration
+
+    heads = {
+        cls.__name__: cls
+        for cls in (
+            LabelformerForMultiLabelGeneration,
+            LabelformerForMultiLabelClassification,
+            LabelformerForConditionalGeneration,
+            LabelformerModel,
+        )
+    }
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(model_dir)!r} has no config.json: it is not a saved model folder.")
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    for name in architectures:
+        if name in heads:
+            return heads[name]
+    raise ValueError(f"{str(model_dir)!r} holds {architectures}, not a Labelformer model.")
+
+
+def prepare_hub_folder(model_dir: str | os.PathLike, target: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """Write a self-contained Hub folder for the model in ``model_dir`` into ``target``.
+
+    The folder holds safetensors weights, config (``auto_map``, ``custom_pipelines``), the model,
+    config and pipeline code, the tokenizer and *our* model card as ``README.md`` (filled with the
+    run's ``test_metrics.json`` and ``training_args.json`` when ``model_dir`` has them), plus the
+    run's reports.
+    """
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from .tokenization_labelformer import save_tokenizer
+
+    model_dir, target = Path(model_dir), Path(target)
+    model = _head_class(model_dir).from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model.save_pretrained(target)
+    save_tokenizer(tokenizer, target)
+    metrics_file = model_dir / "test_metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    args_file = model_dir / "training_args.json"
+    training_args = None
+    if args_file.is_file():
+        keep = ("head", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio", "dropout",
+                "label_order", "max_length", "seed")  # fmt: skip
+        training_args = {k: v for k, v in json.loads(args_file.read_text()).items() if k in keep}
+    card = build_model_card(
+        model, {k: v for k, v in (metrics or {}).items() if k in _METRIC_NAMES}, training_args=training_args,
+        repo_id=repo_id,
+    )  # fmt: skip
+    card.save(target / "README.md")
+    for report in ("test_metrics.json", "per_label_metrics.md", "training_curve.png"):
+        if (model_dir / report).is_file():
+            shutil.copyfile(model_dir / report, target / report)
+    return target
+
+
+def push_to_hub(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload Labelformer model",
+) -> Any:
+    """Create ``repo_id`` if needed and upload the self-contained folder of `prepare_hub_folder`.
+
+    Returns the commit info of `HfApi.create_commit` (one commit with every file).
+    """
+    import tempfile
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = prepare_hub_folder(model_dir, tmp, repo_id=repo_id)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        ]
+        commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
+    logger.info("pushed %s to %s", model_dir, repo_id)
+    return commit
+
+
+__all__ = ["HUB_CARD_TEMPLATE", "REUTERS_DESCRIPTION", "build_model_card", "prepare_hub_folder", "push_to_hub"]

@@ -518,6 +518,38 @@ class LabelformerPreTrainedModel(PreTrainedModel):
             # Non-persistent: never in a checkpoint, so rebuild it here after loading.
             init.copy_(module.table, module.build_table(module.table.shape[0], module.table.device))
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, but safe and strict.
+
+        Weights load from safetensors only (never pickle). A checkpoint that lacks weights the
+        model needs, or whose tensors do not fit its config (e.g. label maps naming more or fewer
+        labels than the head was trained with), raises ``ValueError`` instead of silently
+        initialising weights at random. Pass ``strict=False`` to allow missing weights.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        strict = kwargs.pop("strict", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        source = str(pretrained_model_name_or_path)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except RuntimeError as error:
+            if "size mismatch" in str(error) or "mismatch" in str(error).lower():
+                raise ValueError(
+                    f"The weights in {source!r} do not fit its config: {error}. If the config's label maps "
+                    "(id2label/label2id) were edited, restore them: a head's label count is fixed by its weights."
+                ) from error
+            raise
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        if strict and problems:
+            raise ValueError(
+                f"{source!r} is not a complete {cls.__name__} checkpoint: {problems}. "
+                "Load it with the class it was saved from, or pass strict=False to initialise these at random."
+            )
+        return (model, info) if want_info else model
+
     def save_pretrained(self, save_directory: str | Any, *args: Any, **kwargs: Any) -> Any:
         """`PreTrainedModel.save_pretrained`, plus an ``AutoModel`` entry in ``auto_map``.
 

@@ -32,6 +32,8 @@ from .modeling_labelformer import (
     LabelformerPreTrainedModel,
     shift_tokens_right,
 )
+from .pipeline_labelformer import TASK as PIPELINE_TASK
+from .pipeline_labelformer import MultiLabelGenerationPipeline
 
 logger = logging.get_logger(__name__)
 
@@ -100,9 +102,17 @@ def check_texts(texts: str | Sequence[str], allow_empty: bool = False) -> list[s
 
 
 class MultiLabelPredictionMixin:
-    """`predict_labels` for a head that implements ``_predict_batch``."""
+    """`predict_labels` and the pipeline entry for a head that implements ``predict_batch``."""
 
     config: LabelformerConfig
+    #: The auto class the ``"multi-label-generation"`` pipeline loads this head with.
+    pipeline_auto_class = "AutoModelForSeq2SeqLM"
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """Save as usual, naming our pipeline in ``config.custom_pipelines`` (its file travels with the code)."""
+        impl = f"{MultiLabelGenerationPipeline.__module__.rsplit('.', 1)[-1]}.{MultiLabelGenerationPipeline.__name__}"
+        self.config.custom_pipelines = {PIPELINE_TASK: {"impl": impl, "pt": [self.pipeline_auto_class], "type": "text"}}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _resolve_tokenizer(self, tokenizer: Any | None) -> Any:
         if tokenizer is not None:
@@ -169,16 +179,17 @@ class MultiLabelPredictionMixin:
             batch = tokenizer(
                 [texts[i] for i in chunk], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
             ).to(self.device)
-            for i, scored in zip(chunk, self._predict_batch(batch["input_ids"], batch["attention_mask"], num_beams)):
+            for i, scored in zip(chunk, self.predict_batch(batch["input_ids"], batch["attention_mask"], num_beams)):
                 results[i] = scored
         self.train(was_training)
         if return_scores:
             return results
         return [list(scored) for scored in results]
 
-    def _predict_batch(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int
+    def predict_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
     ) -> list[dict[str, float]]:
+        """Tokenized batch ``[b, s]`` -> per row ``{label: score}`` in prediction order."""
         raise NotImplementedError
 
 
@@ -283,9 +294,10 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         log_probs = logits.logits.float().masked_fill(~allowed, float("-inf")).log_softmax(-1)
         return log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1).exp()
 
-    def _predict_batch(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int
+    def predict_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
     ) -> list[dict[str, float]]:
+        """Generate label sets for a tokenized batch ``[b, s]``; scores are constrained step probabilities."""
         encoder_outputs = self.model.encoder(input_ids, attention_mask)
         sequences = self.generate(
             # a fresh wrapper: beam search expands the one it gets in place
@@ -337,6 +349,7 @@ class LabelformerForMultiLabelClassification(MultiLabelPredictionMixin, Labelfor
     """
 
     base_model_prefix = "encoder"
+    pipeline_auto_class = "AutoModelForSequenceClassification"
 
     def __init__(self, config: LabelformerConfig) -> None:
         config.problem_type = "multi_label_classification"
@@ -406,9 +419,10 @@ class LabelformerForMultiLabelClassification(MultiLabelPredictionMixin, Labelfor
         self.config.classifier_threshold = float(best)
         return float(best), micro_f1_of(self.decide(probs, best), targets)
 
-    def _predict_batch(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int
+    def predict_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
     ) -> list[dict[str, float]]:
+        """Threshold decisions for a tokenized batch ``[b, s]``; scores are sigmoid probabilities."""
         probs = torch.sigmoid(self(input_ids=input_ids, attention_mask=attention_mask).logits.float())
         chosen = self.decide(probs)
         results = []

@@ -6,7 +6,11 @@ The special tokens take the ids the model expects: ``[PAD]`` 0, ``[BOS]`` 1, ``[
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -61,4 +65,20 @@ def train_tokenizer(
     return wrapped
 
 
-__all__ = ["SPECIAL_TOKENS", "train_tokenizer"]
+# Loading options that `from_pretrained` records in a tokenizer's init kwargs. Saved as they are,
+# `local_files_only: true` (set by offline mode) would follow the tokenizer to the Hub.
+_LOAD_TIME_KEYS = ("local_files_only", "is_local", "cache_dir", "token", "revision")
+
+
+def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
+    """`tokenizer.save_pretrained(folder)` without the loading options of this session."""
+    tokenizer.save_pretrained(folder)
+    config_file = Path(folder) / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for key in _LOAD_TIME_KEYS:
+            config.pop(key, None)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+__all__ = ["SPECIAL_TOKENS", "save_tokenizer", "train_tokenizer"]

@@ -10,6 +10,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import gzip  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -48,3 +52,20 @@ def random_batch(config: LabelformerConfig, batch: int = 3, src_len: int = 9, tg
         input_ids[-1, -pad_tail:] = config.pad_token_id
     labels = torch.randint(3, config.decoder_vocab_size, (batch, tgt_len))
     return input_ids, attention_mask, labels
+
+
+REUTERS = Path(__file__).resolve().parent.parent / "data" / "reuters21578"
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory) -> dict[str, str]:
+    """Small train/test files cut from the embedded Reuters data."""
+    folder = tmp_path_factory.mktemp("data")
+    files = {}
+    for split, n in (("train", 160), ("test", 40)):
+        with gzip.open(REUTERS / f"{split}.jsonl.gz", "rt") as f:
+            rows = [json.loads(next(f)) for _ in range(n)]
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({"body": r["text"], "topics": r["labels"]}) + "\n" for r in rows))
+        files[split] = str(path)
+    return files

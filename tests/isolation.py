@@ -56,5 +56,5 @@ def run_isolated(code: str, cwd: Path, timeout: int = 300) -> dict:
         raise AssertionError(f"isolated process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        raise AssertionError(f"isolated process printed no JSON:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"isolated process printed no JSON line:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1])

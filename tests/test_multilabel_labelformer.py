@@ -208,7 +208,7 @@ def test_generation_head_learns_varying_label_counts(overrides):
     ids, gold = synthetic_batch(300, 16, torch.Generator().manual_seed(99))
     assert {len(g) for g in gold} == {1, 2, 3}
     for num_beams in (1, 3):
-        predicted = model._predict_batch(ids, torch.ones_like(ids), num_beams=num_beams)
+        predicted = model.predict_batch(ids, torch.ones_like(ids), num_beams=num_beams)
         exact = sum(set(p) == set(g) for p, g in zip(predicted, gold)) / len(gold)
         assert exact >= 0.9, f"exact match {exact:.3f} with {num_beams} beams"
 
@@ -222,6 +222,6 @@ def test_threshold_head_learns():
 
     model = train_synthetic(LabelformerForMultiLabelClassification(synthetic_config()), 200, targets)
     ids, gold = synthetic_batch(300, 16, torch.Generator().manual_seed(99))
-    predicted = model._predict_batch(ids, torch.ones_like(ids), 1)
+    predicted = model.predict_batch(ids, torch.ones_like(ids), 1)
     exact = sum(set(p) == set(g) for p, g in zip(predicted, gold)) / len(gold)
     assert exact >= 0.9, f"exact match {exact:.3f}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -18,7 +17,6 @@ from modeling.evaluation_labelformer import atomic_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_multilabel.py"
-REUTERS = ROOT / "data" / "reuters21578"
 TINY = [
     "--d_model", "32", "--ffn_dim", "64", "--attention_heads", "2", "--encoder_layers", "1", "--decoder_layers", "1",
     "--vocab_size", "600", "--max_length", "48", "--batch_size", "8", "--eval_batch_size", "32", "--no_progress",
@@ -36,20 +34,6 @@ def tokenizer_dir(tmp_path_factory, data_files) -> str:
     texts = load_multilabel_dataset(train_file=data_files["train"], text_column="body", label_column="topics")
     train_tokenizer(texts["train"]["text"], vocab_size=600, model_max_length=48).save_pretrained(folder)
     return str(folder)
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory) -> dict[str, str]:
-    """Small train/test files cut from the embedded Reuters data."""
-    folder = tmp_path_factory.mktemp("data")
-    files = {}
-    for split, n in (("train", 160), ("test", 40)):
-        with gzip.open(REUTERS / f"{split}.jsonl.gz", "rt") as f:
-            rows = [json.loads(next(f)) for _ in range(n)]
-        path = folder / f"{split}.jsonl"
-        path.write_text("".join(json.dumps({"body": r["text"], "topics": r["labels"]}) + "\n" for r in rows))
-        files[split] = str(path)
-    return files
 
 
 def run(args: list[str], launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -202,3 +186,17 @@ def test_atomic_directory_keeps_the_old_copy_when_a_write_fails(tmp_path):
     assert (target / "weights").read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
     shutil.rmtree(target)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2"])
+def test_example_accelerate_configs_parse(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "examples" / "accelerate_configs" / f"{name}.yaml"))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}[name]
+    assert str(config.distributed_type).endswith(expected)
+    if name == "fsdp":
+        layers = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+        import modeling.modeling_labelformer as modeling_module
+
+        assert all(hasattr(modeling_module, layer) for layer in layers)

@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Labelformer vs Hugging Face BART at identical sizes, measured side by side in one run.
+
+Rows: training step (forward + backward + AdamW step) time, tokens/s and peak memory;
+`generate()` of 16 new tokens at batch 1 and batch B (greedy and beam 4); and the multi-label
+`predict_labels` path (label generation over a 90-label vocabulary) next to BART's generate.
+Ratios are BART time / Labelformer time: above 1 means Labelformer is faster.
+
+    python benchmarks/speed.py --device cpu --size small
+    python benchmarks/speed.py --device cuda --size base --json speed.json
+
+Absolute times on shared machines are noisy; compare ratios from the same run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import BartConfig, BartForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from modeling import LabelformerConfig, LabelformerForConditionalGeneration  # noqa: E402
+from modeling.multilabel_labelformer import LabelformerForMultiLabelGeneration  # noqa: E402
+
+SIZES = {
+    # CPU-friendly: runs in about a minute on 2 cores.
+    "small": dict(d_model=256, layers=3, heads=4, ffn=1024, vocab=8000, shapes=[(16, 128, 16)], gen_batch=16),
+    # Transformer-base (Vaswani et al.), the shapes of the speed targets.
+    "base": dict(d_model=512, layers=6, heads=8, ffn=2048, vocab=32000, shapes=[(64, 256, 32), (32, 128, 128)],
+                 gen_batch=64),
+}  # fmt: skip
+NEW_TOKENS = 16
+NUM_LABELS = 90
+
+
+def build_models(size: dict, device: torch.device, dtype: torch.dtype, attn: str):
+    common = dict(d_model=size["d_model"], encoder_layers=size["layers"], decoder_layers=size["layers"],
+                  encoder_attention_heads=size["heads"], decoder_attention_heads=size["heads"],
+                  encoder_ffn_dim=size["ffn"], decoder_ffn_dim=size["ffn"], dropout=0.0)  # fmt: skip
+    ours = LabelformerForConditionalGeneration(
+        LabelformerConfig(vocab_size=size["vocab"], max_position_embeddings=1024, attention_dropout=0.0, **common)
+    )
+    bart = BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=size["vocab"],
+            max_position_embeddings=1024,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+            forced_eos_token_id=None,
+            **common,
+        )  # fmt: skip
+    )
+    labels = [f"label_{i}" for i in range(NUM_LABELS)]
+    multilabel = LabelformerForMultiLabelGeneration(
+        LabelformerConfig.from_labels(labels, vocab_size=size["vocab"], max_position_embeddings=1024, **common)
+    )
+    models = {}
+    for name, model in (("labelformer", ours), ("bart", bart), ("labelformer-multilabel", multilabel)):
+        model.config._attn_implementation = attn
+        models[name] = model.to(device=device, dtype=dtype)
+    return models
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in seconds (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(device: torch.device, fn: Callable[[], object]) -> float | None:
+    """Peak CUDA memory of one call, in MiB (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def train_step_fn(model, batch: dict, dtype: torch.dtype):
+    fused = next(model.parameters()).device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    model.train()
+
+    def step() -> None:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--attn", default="sdpa", help="attention implementation for both models")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = SIZES[args.size]
+    torch.manual_seed(0)
+    models = build_models(size, device, dtype, args.attn)
+    rows = []
+
+    def add(kind: str, shape: str, ours: float, bart: float, extra: dict | None = None) -> None:
+        rows.append({"kind": kind, "shape": shape, "labelformer_s": ours, "bart_s": bart, "ratio": bart / ours,
+                     **(extra or {})})  # fmt: skip
+
+    # ---- training
+    train_ratios = []
+    for batch_size, src, tgt in size["shapes"]:
+        ids = torch.randint(4, size["vocab"], (batch_size, src), device=device)
+        labels = torch.randint(4, size["vocab"], (batch_size, tgt), device=device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        times, memory = {}, {}
+        for name in ("labelformer", "bart"):
+            step = train_step_fn(models[name], batch, dtype)
+            times[name] = timed(step, device, args.repeats)
+            memory[name] = peak_memory(device, step)
+        tokens = batch_size * (src + tgt)
+        add("train step", f"b{batch_size} s{src} t{tgt}", times["labelformer"], times["bart"], {
+            "labelformer_tokens_per_s": tokens / times["labelformer"], "bart_tokens_per_s": tokens / times["bart"],
+            "labelformer_peak_mib": memory["labelformer"], "bart_peak_mib": memory["bart"]})  # fmt: skip
+        train_ratios.append(times["bart"] / times["labelformer"])
+
+    # ---- generation
+    src = size["shapes"][0][1]
+    generate_ratio = {}
+    for batch_size in (1, size["gen_batch"]):
+        ids = torch.randint(4, size["vocab"], (batch_size, src), device=device)
+        for beams in (1, 4):
+            kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                          min_new_tokens=NEW_TOKENS, num_beams=beams, do_sample=False)  # fmt: skip
+            times = {}
+            for name in ("labelformer", "bart"):
+                model = models[name].eval()
+                with torch.inference_mode():
+                    times[name] = timed(lambda m=model, kw=kwargs: m.generate(**kw), device, args.repeats)
+            add(
+                f"generate {NEW_TOKENS} tokens, beam {beams}",
+                f"b{batch_size} s{src}",
+                times["labelformer"],
+                times["bart"],
+            )
+            if beams == 1:
+                generate_ratio[batch_size] = times["bart"] / times["labelformer"]
+        # the multi-label path: constrained label generation until EOS, next to BART's 16 tokens
+        multilabel = models["labelformer-multilabel"].eval()
+        with torch.inference_mode():
+            mask = torch.ones_like(ids)
+            label_time = timed(lambda m=multilabel, i=ids, a=mask: m.predict_batch(i, a, 1), device, args.repeats)
+        bart_time = next(r["bart_s"] for r in rows if r["shape"] == f"b{batch_size} s{src}" and "beam 1" in r["kind"])
+        add(f"predict_labels ({NUM_LABELS} labels) vs BART generate", f"b{batch_size} s{src}", label_time, bart_time)
+
+    result = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "size": args.size,
+        "dtype": str(dtype),
+        "attn_implementation": args.attn,
+        "threads": torch.get_num_threads(),
+        "train_ratio": statistics.mean(train_ratios),
+        "generate_ratio_b1": generate_ratio[1],
+        f"generate_ratio_b{size['gen_batch']}": generate_ratio[size["gen_batch"]],
+        "rows": rows,
+    }
+    if size["gen_batch"] != 64:
+        result["generate_ratio_b64"] = None  # the base size measures batch 64
+    print(f"device {result['device']}, size {args.size}, {dtype}, attention {args.attn}, {result['threads']} threads")
+    print(f"{'measurement':48s} {'shape':16s} {'labelformer':>12s} {'bart':>12s} {'ratio':>7s}")
+    for r in rows:
+        print(f"{r['kind']:48s} {r['shape']:16s} {r['labelformer_s'] * 1e3:10.1f}ms {r['bart_s'] * 1e3:10.1f}ms "
+              f"{r['ratio']:6.2f}x")  # fmt: skip
+    print(f"train ratio {result['train_ratio']:.2f}x, greedy generate ratio b1 {result['generate_ratio_b1']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
