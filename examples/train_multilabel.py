@@ -44,6 +44,7 @@ from modeling import (  # noqa: E402
     LabelformerConfig,
     LabelformerForMultiLabelClassification,
     LabelformerForMultiLabelGeneration,
+    LabelformerForParallelLabelGeneration,
     MultiLabelCollator,
     build_label_vocabulary,
     load_multilabel_dataset,
@@ -65,7 +66,11 @@ from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
 logger = logging.getLogger("train_multilabel")
 
-HEADS = {"generation": LabelformerForMultiLabelGeneration, "threshold": LabelformerForMultiLabelClassification}
+HEADS = {
+    "generation": LabelformerForMultiLabelGeneration,
+    "parallel": LabelformerForParallelLabelGeneration,
+    "threshold": LabelformerForMultiLabelClassification,
+}
 
 # Model and optimisation settings per preset; any flag given on the command line wins.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -174,6 +179,7 @@ def build_model(args: argparse.Namespace, labels: list[str], vocab_size: int):
         min_labels=0 if args.allow_empty_labels else 1,
         max_labels=args.max_labels,
         scheduled_sampling_prob=args.scheduled_sampling,
+        parallel_loss=args.parallel_loss,
     )
     return HEADS[args.head](config)
 
@@ -591,6 +597,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--label_order", choices=["frequency", "alphabetical", "random"], default="frequency")
     g.add_argument("--label_smoothing", type=float, default=0.0)
     g.add_argument("--max_labels", type=int)
+    g.add_argument("--parallel_loss", choices=["ordered", "hungarian"], default="ordered", help="--head parallel")
     g.add_argument("--scheduled_sampling", type=float, default=0.0, help="Final probability of feeding predictions.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)

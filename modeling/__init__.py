@@ -26,6 +26,7 @@ from .multilabel_labelformer import (
     LabelSetLogitsProcessor,
 )
 from .multilabel_metrics import METRIC_PATH, compute_multilabel_metrics
+from .parallel_labelformer import LabelformerForParallelLabelGeneration
 from .pipeline_labelformer import TASK as PIPELINE_TASK
 from .pipeline_labelformer import MultiLabelGenerationPipeline
 from .tokenization_labelformer import train_tokenizer
@@ -33,7 +34,9 @@ from .tokenization_labelformer import train_tokenizer
 AutoConfig.register(LabelformerConfig.model_type, LabelformerConfig, exist_ok=True)
 AutoModel.register(LabelformerConfig, LabelformerModel, exist_ok=True)
 AutoModelForSeq2SeqLM.register(
-    LabelformerConfig, (LabelformerForConditionalGeneration, LabelformerForMultiLabelGeneration), exist_ok=True
+    LabelformerConfig,
+    (LabelformerForConditionalGeneration, LabelformerForMultiLabelGeneration, LabelformerForParallelLabelGeneration),
+    exist_ok=True,
 )
 AutoModelForSequenceClassification.register(LabelformerConfig, LabelformerForMultiLabelClassification, exist_ok=True)
 PIPELINE_REGISTRY.register_pipeline(
@@ -46,6 +49,7 @@ PIPELINE_REGISTRY.register_pipeline(
 LabelformerModel.register_for_auto_class("AutoModel")
 LabelformerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 LabelformerForMultiLabelGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+LabelformerForParallelLabelGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 LabelformerForMultiLabelClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "LabelformerForConditionalGeneration",
     "LabelformerForMultiLabelClassification",
     "LabelformerForMultiLabelGeneration",
+    "LabelformerForParallelLabelGeneration",
     "LabelformerModel",
     "LabelformerPreTrainedModel",
     "MultiLabelCollator",

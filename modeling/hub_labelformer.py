@@ -128,12 +128,14 @@ def _head_class(model_dir: Path) -> type:
 
     from . import LabelformerForConditionalGeneration, LabelformerModel
     from .multilabel_labelformer import LabelformerForMultiLabelClassification, LabelformerForMultiLabelGeneration
+    from .parallel_labelformer import LabelformerForParallelLabelGeneration
 
     heads = {
         cls.__name__: cls
         for cls in (
             LabelformerForMultiLabelGeneration,
             LabelformerForMultiLabelClassification,
+            LabelformerForParallelLabelGeneration,
             LabelformerForConditionalGeneration,
             LabelformerModel,
         )

@@ -335,12 +335,15 @@ class LabelformerEncoderLayer(GradientCheckpointingLayer):
 
 
 class LabelformerDecoderLayer(GradientCheckpointingLayer):
-    """Decoder block: masked self-attention, cross-attention to the encoder, feed-forward."""
+    """Decoder block: masked self-attention, cross-attention to the encoder, feed-forward.
 
-    def __init__(self, config: LabelformerConfig, layer_idx: int) -> None:
+    ``causal=False`` gives the non-autoregressive variant (all positions see each other).
+    """
+
+    def __init__(self, config: LabelformerConfig, layer_idx: int, causal: bool = True) -> None:
         super().__init__()
         heads = config.decoder_attention_heads
-        self.self_attn = LabelformerAttention(config, heads, layer_idx, is_causal=True)
+        self.self_attn = LabelformerAttention(config, heads, layer_idx, is_causal=causal)
         self.self_attn_sublayer = SublayerConnection(config)
         self.cross_attn = LabelformerAttention(config, heads, layer_idx, is_causal=False)
         self.cross_attn_sublayer = SublayerConnection(config)
@@ -413,13 +416,20 @@ class LabelformerEncoder(nn.Module):
 
 
 class LabelformerDecoder(nn.Module):
-    """N decoder layers: causal self-attention, cross-attention, FFN (paper figure 1, right)."""
+    """N decoder layers: causal self-attention, cross-attention, FFN (paper figure 1, right).
 
-    def __init__(self, config: LabelformerConfig, embed_tokens: nn.Embedding) -> None:
+    With ``causal=False`` self-attention is bidirectional: the parallel (non-autoregressive) label
+    decoder feeds it slot ids instead of previous tokens.
+    """
+
+    def __init__(self, config: LabelformerConfig, embed_tokens: nn.Embedding, causal: bool = True) -> None:
         super().__init__()
         self.config = config
+        self.causal = causal
         self.embeddings = LabelformerEmbeddings(config, embed_tokens)
-        self.layers = nn.ModuleList(LabelformerDecoderLayer(config, i) for i in range(config.decoder_layers))
+        self.layers = nn.ModuleList(
+            LabelformerDecoderLayer(config, i, causal=causal) for i in range(config.decoder_layers)
+        )
         self.final_norm = _final_norm(config)
 
     def forward(
@@ -448,12 +458,17 @@ class LabelformerDecoder(nn.Module):
             attention_mask = torch.ones(
                 hidden_states.shape[0], past_length + hidden_states.shape[1], device=hidden_states.device
             )
-        self_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values.self_attention_cache if past_key_values is not None else None,
-        )
+        if self.causal:
+            self_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values.self_attention_cache if past_key_values is not None else None,
+            )
+        else:
+            self_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
         cross_mask = create_bidirectional_mask(
             config=self.config,
             inputs_embeds=hidden_states,
