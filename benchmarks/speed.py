@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from modeling import LabelformerConfig, LabelformerForConditionalGeneration  # noqa: E402
 from modeling.multilabel_labelformer import LabelformerForMultiLabelGeneration  # noqa: E402
+from modeling.parallel_labelformer import LabelformerForParallelLabelGeneration  # noqa: E402
 
 SIZES = {
     # CPU-friendly: runs in about a minute on 2 cores.
@@ -66,8 +67,14 @@ def build_models(size: dict, device: torch.device, dtype: torch.dtype, attn: str
     multilabel = LabelformerForMultiLabelGeneration(
         LabelformerConfig.from_labels(labels, vocab_size=size["vocab"], max_position_embeddings=1024, **common)
     )
+    parallel = LabelformerForParallelLabelGeneration(
+        LabelformerConfig.from_labels(
+            labels, vocab_size=size["vocab"], max_position_embeddings=1024, max_labels=15, **common
+        )  # fmt: skip
+    )
     models = {}
-    for name, model in (("labelformer", ours), ("bart", bart), ("labelformer-multilabel", multilabel)):
+    named = (("labelformer", ours), ("bart", bart), ("labelformer-multilabel", multilabel), ("parallel", parallel))
+    for name, model in named:
         model.config._attn_implementation = attn
         models[name] = model.to(device=device, dtype=dtype)
     return models
@@ -181,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             label_time = timed(lambda m=multilabel, i=ids, a=mask: m.predict_batch(i, a, 1), device, args.repeats)
         bart_time = next(r["bart_s"] for r in rows if r["shape"] == f"b{batch_size} s{src}" and "beam 1" in r["kind"])
         add(f"predict_labels ({NUM_LABELS} labels) vs BART generate", f"b{batch_size} s{src}", label_time, bart_time)
+        parallel = models["parallel"].eval()
+        with torch.inference_mode():
+            parallel_time = timed(lambda m=parallel, i=ids, a=mask: m.predict_batch(i, a), device, args.repeats)
+        add("parallel label decoder (1 pass) vs BART generate", f"b{batch_size} s{src}", parallel_time, bart_time)
 
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
