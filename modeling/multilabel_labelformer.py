@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 from transformers.utils import logging
 
@@ -43,11 +44,29 @@ logger = logging.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 
-def allowed_label_tokens(prefixes: torch.Tensor, vocab_size: int, min_labels: int, max_labels: int) -> torch.Tensor:
-    """Which decoder tokens may follow each prefix of each sequence.
+def label_rules(used: torch.Tensor, num_labels: torch.Tensor, min_labels: int, max_labels: int) -> torch.Tensor:
+    """The label-set rules for the next token, given what has been emitted.
 
-    Rules: only label tokens or EOS; never a label already in the prefix; EOS only once the prefix
-    holds ``min_labels`` labels (or no label is left); no label once it holds ``max_labels``.
+    Only label tokens or EOS; never a label already used; EOS only once ``min_labels`` labels are
+    out (or no label is left); no label once ``max_labels`` are out.
+
+    Args:
+        used: ``[..., v]`` boolean, True for tokens already in the sequence.
+        num_labels: ``[...]`` labels emitted so far.
+
+    Returns:
+        ``[..., v]`` boolean: the tokens that may come next.
+    """
+    allowed = ~used
+    allowed[..., :NUM_SPECIAL_DECODER_TOKENS] = False
+    allowed[..., NUM_SPECIAL_DECODER_TOKENS:] &= (num_labels < max_labels)[..., None]
+    nothing_left = ~allowed[..., NUM_SPECIAL_DECODER_TOKENS:].any(dim=-1)
+    allowed[..., EOS_TOKEN_ID] = (num_labels >= min_labels) | nothing_left
+    return allowed
+
+
+def allowed_label_tokens(prefixes: torch.Tensor, vocab_size: int, min_labels: int, max_labels: int) -> torch.Tensor:
+    """`label_rules` after every prefix of every sequence.
 
     Args:
         prefixes: ``[n, t]`` decoder inputs (start token first).
@@ -55,14 +74,9 @@ def allowed_label_tokens(prefixes: torch.Tensor, vocab_size: int, min_labels: in
     Returns:
         ``[n, t, vocab_size]`` boolean: entry ``[i, j, v]`` says token ``v`` may follow ``prefixes[i, :j+1]``.
     """
-    present = nn.functional.one_hot(prefixes, vocab_size).cumsum(dim=1) > 0  # [n, t, v]
+    used = nn.functional.one_hot(prefixes, vocab_size).cumsum(dim=1) > 0  # [n, t, v]
     num_labels = (prefixes >= NUM_SPECIAL_DECODER_TOKENS).long().cumsum(dim=1)  # [n, t]
-    allowed = ~present
-    allowed[..., :NUM_SPECIAL_DECODER_TOKENS] = False
-    allowed[..., NUM_SPECIAL_DECODER_TOKENS:] &= (num_labels < max_labels)[..., None]
-    nothing_left = ~allowed[..., NUM_SPECIAL_DECODER_TOKENS:].any(dim=-1)
-    allowed[..., EOS_TOKEN_ID] = (num_labels >= min_labels) | nothing_left
-    return allowed
+    return label_rules(used, num_labels, min_labels, max_labels)
 
 
 class LabelSetLogitsProcessor(LogitsProcessor):
@@ -294,10 +308,57 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         log_probs = logits.logits.float().masked_fill(~allowed, float("-inf")).log_softmax(-1)
         return log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1).exp()
 
+    @torch.no_grad()
+    def greedy_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast constrained greedy decoding: the result of ``generate(num_beams=1)`` without its overhead.
+
+        One encoder pass, then one cached decoder step per label over the small label vocabulary,
+        with the label-set rules kept as running state (no re-scan of the prefix) and the
+        probability of each choice taken on the way (no second scoring pass). Stops as soon as
+        every row has emitted EOS.
+
+        Returns:
+            ``[b, t]`` chosen tokens (labels, then EOS, then padding) and ``[b, t]`` their probabilities.
+        """
+        config = self.config
+        encoder_states = self.model.encoder(input_ids, attention_mask).last_hidden_state
+        batch, vocab = encoder_states.shape[0], config.decoder_vocab_size
+        cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        current = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+        used = torch.zeros(batch, vocab, dtype=torch.bool, device=input_ids.device)
+        count = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        tokens, scores = [], []
+        for _ in range(config.effective_max_labels + 1):
+            hidden = self.model.decoder(
+                current, encoder_states, encoder_attention_mask=attention_mask, past_key_values=cache, use_cache=True
+            ).last_hidden_state[:, -1]  # [b, d]
+            allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
+            probs = self.lm_head(hidden).float().masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, v]
+            best = probs.argmax(-1)
+            score = probs.gather(-1, best[:, None]).squeeze(-1)
+            best = best.masked_fill(done, config.pad_token_id)
+            tokens.append(best)
+            scores.append(score.masked_fill(done, 0.0))
+            used.scatter_(1, best[:, None], True)
+            is_label = best >= NUM_SPECIAL_DECODER_TOKENS
+            count += is_label.long()
+            done |= ~is_label
+            if bool(done.all()):
+                break
+            current = best[:, None]
+        return torch.stack(tokens, 1), torch.stack(scores, 1)
+
     def predict_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
     ) -> list[dict[str, float]]:
-        """Generate label sets for a tokenized batch ``[b, s]``; scores are constrained step probabilities."""
+        """Label sets for a tokenized batch ``[b, s]``; scores are constrained step probabilities.
+
+        Greedy decoding takes the fast path `greedy_labels`; beam search goes through `generate()`.
+        """
+        if num_beams == 1:
+            tokens, scores = self.greedy_labels(input_ids, attention_mask)
+            return self._label_dicts(tokens, scores)
         encoder_outputs = self.model.encoder(input_ids, attention_mask)
         sequences = self.generate(
             # a fresh wrapper: beam search expands the one it gets in place
@@ -306,12 +367,15 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
             num_beams=num_beams,
             do_sample=False,
         )
-        scores = self.label_scores(sequences, encoder_outputs, attention_mask)
+        return self._label_dicts(sequences[:, 1:], self.label_scores(sequences, encoder_outputs, attention_mask))
+
+    def _label_dicts(self, tokens: torch.Tensor, scores: torch.Tensor) -> list[dict[str, float]]:
+        """``[b, t]`` generated tokens and scores -> per row ``{label: score}`` up to the first EOS."""
         id2label = self.config.id2label
         results = []
-        for tokens, token_scores in zip(sequences[:, 1:].tolist(), scores.tolist()):
+        for row_tokens, row_scores in zip(tokens.tolist(), scores.tolist()):
             scored = {}
-            for token, score in zip(tokens, token_scores):
+            for token, score in zip(row_tokens, row_scores):
                 if token < NUM_SPECIAL_DECODER_TOKENS:
                     break  # EOS (or padding after it)
                 scored[id2label[token - NUM_SPECIAL_DECODER_TOKENS]] = score

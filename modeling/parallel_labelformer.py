@@ -27,7 +27,7 @@ from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
 from .modeling_labelformer import LabelformerDecoder, LabelformerEncoder, LabelformerPreTrainedModel
-from .multilabel_labelformer import MultiLabelPredictionMixin, _check_label_vocabulary
+from .multilabel_labelformer import MultiLabelPredictionMixin, _check_label_vocabulary, label_rules
 
 
 def slot_targets(labels: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -133,11 +133,9 @@ class LabelformerForParallelLabelGeneration(MultiLabelPredictionMixin, Labelform
         tokens = torch.full((batch, num_slots), EOS_TOKEN_ID, dtype=torch.long, device=logits.device)
         scores = torch.zeros(batch, num_slots, device=logits.device)
         for k in range(num_slots):
-            allowed = ~used
-            allowed[:, NUM_SPECIAL_DECODER_TOKENS:] &= (count < max_labels)[:, None]
-            nothing_left = ~allowed[:, NUM_SPECIAL_DECODER_TOKENS:].any(-1)
-            # the ordered decoder must reach min_labels before EOS; a Hungarian slot may always be empty
-            allowed[:, EOS_TOKEN_ID] = (count >= self.config.min_labels) | nothing_left | (not stop_at_eos)
+            allowed = label_rules(used, count, self.config.min_labels, max_labels)
+            if not stop_at_eos:  # a Hungarian slot may always be empty (min_labels is filled in below)
+                allowed[:, EOS_TOKEN_ID] = True
             best = probs[:, k].masked_fill(~allowed, -1.0).argmax(-1)
             best = torch.where(done, torch.full_like(best, EOS_TOKEN_ID), best)
             is_label = best >= NUM_SPECIAL_DECODER_TOKENS

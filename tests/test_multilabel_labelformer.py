@@ -225,3 +225,23 @@ def test_threshold_head_learns():
     predicted = model.predict_batch(ids, torch.ones_like(ids), 1)
     exact = sum(set(p) == set(g) for p, g in zip(predicted, gold)) / len(gold)
     assert exact >= 0.9, f"exact match {exact:.3f}"
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("limits", [{}, {"min_labels": 2, "max_labels": 3}, {"min_labels": 0}])
+def test_fast_greedy_path_matches_generate(seed, limits):
+    """`greedy_labels` (running state, no generate) == generate() + LabelSetLogitsProcessor + rescoring."""
+    torch.manual_seed(seed)
+    model = LabelformerForMultiLabelGeneration(synthetic_config(init_std=0.3, **limits)).eval()
+    ids, _ = synthetic_batch(6, 12, torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[-1, -4:] = 0
+    with torch.no_grad():
+        fast = model.predict_batch(ids, mask, num_beams=1)
+        sequences = model.generate(input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False)
+        reference = model._label_dicts(
+            sequences[:, 1:], model.label_scores(sequences, model.model.encoder(ids, mask), mask)
+        )
+    assert [list(r) for r in fast] == [list(r) for r in reference]
+    for got, want in zip(fast, reference):
+        assert got == pytest.approx(want, abs=1e-5)
