@@ -158,7 +158,8 @@ def get_tokenizer(args: argparse.Namespace, accelerator: Accelerator, texts: lis
     return AutoTokenizer.from_pretrained(saved)
 
 
-def build_model(args: argparse.Namespace, labels: list[str], vocab_size: int):
+def build_model(args: argparse.Namespace, labels: list[str], vocab_size: int, max_labels_seen: int):
+    """The head of ``--head``; ``max_labels`` defaults to the most labels a training document has."""
     config = LabelformerConfig.from_labels(
         labels,
         vocab_size=vocab_size,
@@ -177,7 +178,7 @@ def build_model(args: argparse.Namespace, labels: list[str], vocab_size: int):
         label_order=args.label_order,
         label_smoothing=args.label_smoothing,
         min_labels=0 if args.allow_empty_labels else 1,
-        max_labels=args.max_labels,
+        max_labels=args.max_labels or max_labels_seen,
         scheduled_sampling_prob=args.scheduled_sampling,
         parallel_loss=args.parallel_loss,
     )
@@ -322,7 +323,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         if split in data:
             report_unknown_labels(split_unknown_labels(data[split]["labels"], label2id)[1], split)
     tokenizer = get_tokenizer(args, accelerator, data["train"]["text"], resuming=checkpoint is not None)
-    model = build_model(args, labels, len(tokenizer))
+    model = build_model(args, labels, len(tokenizer), max(1, max(len(x) for x in train_labels)))
     logger.info(
         "%s: %d labels, %s parameters, %d train / %d validation documents, %d process(es) (%s)",
         type(model).__name__,
@@ -596,7 +597,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--position_embedding_type", choices=["sinusoidal", "learned"], default="sinusoidal")
     g.add_argument("--label_order", choices=["frequency", "alphabetical", "random"], default="frequency")
     g.add_argument("--label_smoothing", type=float, default=0.0)
-    g.add_argument("--max_labels", type=int)
+    g.add_argument("--max_labels", type=int, help="Default: the most labels any training document has.")
     g.add_argument("--parallel_loss", choices=["ordered", "hungarian"], default="ordered", help="--head parallel")
     g.add_argument("--scheduled_sampling", type=float, default=0.0, help="Final probability of feeding predictions.")
     g = p.add_argument_group("optimisation")
