@@ -122,12 +122,15 @@ def find_checkpoint(args: argparse.Namespace) -> Path | None:
         if not (path / "trainer_state.json").is_file():
             raise TrainingError(f"{path} is not a checkpoint folder (no trainer_state.json).")
         return path
-    found = sorted(
-        (Path(args.output_dir) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
-    )
+    found = list_checkpoints(args.output_dir)
     if not found:
         raise TrainingError(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}/checkpoints.")
     return found[-1]
+
+
+def list_checkpoints(output_dir: str) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ones are hidden ``.tmp-`` folders)."""
+    return sorted((Path(output_dir) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def load_data(args: argparse.Namespace):
@@ -257,8 +260,7 @@ def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any]) -> No
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-        done = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in done[: -args.save_total_limit]:
+        for old in list_checkpoints(args.output_dir)[: -args.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved %s", target)
     accelerator.wait_for_everyone()
@@ -551,9 +553,7 @@ def _installed(name: str) -> bool:
 
 
 def _last_checkpoint(args: argparse.Namespace) -> str:
-    found = sorted(
-        (Path(args.output_dir) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
-    )
+    found = list_checkpoints(args.output_dir)
     return str(found[-1]) if found else "none yet"
 
 
