@@ -259,11 +259,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         gold = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
         with torch.no_grad():
             detached = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state.detach())
-            logits = super().forward(attention_mask=attention_mask, encoder_outputs=detached, decoder_input_ids=gold)
-            allowed = allowed_label_tokens(
-                gold, logits.logits.shape[-1], self.config.min_labels, self.config.effective_max_labels
-            )
-            predicted = logits.logits.masked_fill(~allowed, float("-inf")).argmax(-1)  # [b, t]: guess for t+1
+            predicted = self._constrained_logits(gold, detached, attention_mask).argmax(-1)  # [b, t]: guess for t+1
         replace = torch.rand(gold.shape, device=gold.device) < self.scheduled_sampling_probability
         replace[:, 0] = False  # the start token stays
         replace &= labels != -100  # and so does padding (input t is label t-1; padded labels stay padded)
@@ -298,15 +294,24 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         self, sequences: torch.Tensor, encoder_outputs: BaseModelOutput, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Constrained probability of each token of ``sequences`` ``[n, t+1]`` (start token first): ``[n, t]``."""
-        inputs = sequences[:, :-1]
-        logits = super().forward(
-            attention_mask=attention_mask, encoder_outputs=encoder_outputs, decoder_input_ids=inputs
+        log_probs = self._constrained_logits(sequences[:, :-1], encoder_outputs, attention_mask).log_softmax(-1)
+        return log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1).exp()
+
+    def _constrained_logits(
+        self, decoder_input_ids: torch.Tensor, encoder_outputs: BaseModelOutput, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Teacher-forced float logits ``[b, t, v]`` with the tokens the label rules forbid at -inf."""
+        logits = (
+            super()
+            .forward(
+                attention_mask=attention_mask, encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids
+            )
+            .logits
         )
         allowed = allowed_label_tokens(
-            inputs, logits.logits.shape[-1], self.config.min_labels, self.config.effective_max_labels
+            decoder_input_ids, logits.shape[-1], self.config.min_labels, self.config.effective_max_labels
         )
-        log_probs = logits.logits.float().masked_fill(~allowed, float("-inf")).log_softmax(-1)
-        return log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1).exp()
+        return logits.float().masked_fill(~allowed, float("-inf"))
 
     @torch.no_grad()
     def greedy_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
