@@ -7,6 +7,7 @@
 #     (label-sequence generation by default, or the sigmoid threshold baseline);
 #   - training with Accelerate: mixed precision where the hardware has it, gradient
 #     accumulation, clipping, AdamW with warmup and decay, one code path for 1 CPU and N GPUs;
+#   - length-grouped batches (less padding), optional weight averaging (EMA);
 #   - evaluation each epoch with our metrics, early stopping on validation micro-F1;
 #   - atomic checkpoints and exact resume (model, optimizer, scheduler, RNG, data position);
 #   - the final model, tokenizer, model card, metrics, per-label table and training curve.
@@ -28,12 +29,15 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
@@ -51,7 +55,7 @@ from modeling import (  # noqa: E402
     split_unknown_labels,
     train_tokenizer,
 )
-from modeling.data_labelformer import report_unknown_labels  # noqa: E402
+from modeling.data_labelformer import LengthGroupedSampler, report_unknown_labels  # noqa: E402
 from modeling.evaluation_labelformer import (  # noqa: E402
     METRIC_KEYS,
     atomic_directory,
@@ -90,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULTS: dict[str, Any] = dict(
     vocab_size=16000, max_length=256, d_model=256, encoder_layers=2, decoder_layers=1, attention_heads=4,
     ffn_dim=1024, dropout=0.1, epochs=10, batch_size=32, learning_rate=1e-3, warmup_ratio=0.05,
-    norm_position="pre", early_stopping_patience=3,
+    norm_position="pre", early_stopping_patience=3, ema_decay=0.0,
 )  # fmt: skip
 
 
@@ -240,7 +244,7 @@ def tune_threshold(accelerator: Accelerator, model, tokenizer, dataset, args) ->
     return threshold
 
 
-def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any]) -> None:
+def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any], average=None) -> None:
     """Write ``checkpoints/checkpoint-<step>`` atomically and keep the newest ``--save_total_limit``."""
     root = Path(args.output_dir) / "checkpoints"
     target = root / f"checkpoint-{state['global_step']}"
@@ -257,6 +261,8 @@ def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any]) -> No
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(state, tmp / "trainer_state.json")
+        if average is not None:
+            average.save(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -277,6 +283,71 @@ def save_model(accelerator: Accelerator, model, tokenizer, folder: Path) -> None
 
         atomic_directory(folder, write)
     accelerator.wait_for_everyone()
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable weights (Polyak averaging), kept in float32.
+
+    ``decay`` ramps up as ``min(decay, (1 + t) / (10 + t))`` over updates ``t`` so early, random
+    weights fade quickly. `applied` swaps the average into the model (for evaluation and saving)
+    and restores the raw weights afterwards. Saved as safetensors next to each checkpoint.
+    """
+
+    FILE = "weight_average.safetensors"
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[None]:
+        params = dict(model.named_parameters())
+        raw = {name: params[name].detach().clone() for name in self.shadow}
+        with torch.no_grad():
+            for name, value in self.shadow.items():
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in raw.items():
+                    params[name].copy_(value)
+
+    def save(self, folder: Path) -> None:
+        tensors = {name: value.contiguous() for name, value in self.shadow.items()}
+        save_file(tensors, str(folder / self.FILE), metadata={"updates": str(self.updates)})
+
+    def load(self, folder: Path) -> None:
+        path = folder / self.FILE
+        if not path.is_file():
+            raise TrainingError(f"{folder} has no {self.FILE}: it was not written with --ema_decay.")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            self.updates = int(f.metadata()["updates"])
+        loaded = load_file(str(path))
+        if loaded.keys() != self.shadow.keys():
+            raise TrainingError(f"{path} does not match the model's parameters; resume with the same settings.")
+        for name, value in loaded.items():
+            self.shadow[name].copy_(value)
+
+
+@contextmanager
+def maybe_averaged(average: WeightAverage | None, model: torch.nn.Module) -> Iterator[None]:
+    if average is None:
+        yield
+    else:
+        with average.applied(model):
+            yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,10 +415,17 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     # A private generator: creating a DataLoader iterator draws a seed from the loader's generator, and
     # drawing it from the global RNG would shift dropout masks after a resume.
+    sampler = None
+    if args.group_by_length:
+        encoded = tokenizer(list(data["train"]["text"]), truncation=True, max_length=args.max_length)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        # groups of the global batch: each process takes its slice of every global batch
+        sampler = LengthGroupedSampler(lengths, args.batch_size * accelerator.num_processes, seed=args.seed)
     train_loader = DataLoader(
         train_set,
         batch_size=args.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         collate_fn=collator,
         generator=torch.Generator().manual_seed(args.seed),
     )
@@ -374,9 +452,13 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         "epochs_without_improvement": 0,
         "history": [],
     }
+    unwrapped = accelerator.unwrap_model(model)
+    average = WeightAverage(unwrapped, args.ema_decay) if args.ema_decay else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if average is not None:
+            average.load(checkpoint)
         logger.info("resumed from %s (epoch %d, step %d)", checkpoint, state["epoch"], state["global_step"])
 
     # ---- training loop
@@ -391,6 +473,8 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         epoch = state["epoch"]
         model.train()
         train_loader.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         collator.epoch = epoch
         loader = (
             accelerator.skip_first_batches(train_loader, state["batches_done"])
@@ -414,6 +498,8 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             if not accelerator.sync_gradients:
                 continue
             state["global_step"] += 1
+            if average is not None:
+                average.update(unwrapped)
             # the mean over processes of the scaled losses is the global token mean (see global_mean_loss)
             logged = accelerator.reduce(loss.detach(), reduction="mean").item()
             if not math.isfinite(logged):
@@ -428,7 +514,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             state["history"].append(record)
             accelerator.log({"train/loss": logged, "train/learning_rate": record["learning_rate"]}, step=record["step"])
             if args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
-                save_checkpoint(accelerator, args, state)
+                save_checkpoint(accelerator, args, state, average)
             if args.stop_after_steps and state["global_step"] >= args.stop_after_steps:
                 logger.warning(
                     "stopped after %d steps (--stop_after_steps); continue with --resume_from_checkpoint latest",
@@ -443,12 +529,16 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         state["epoch"] += 1
         state["batches_done"] = 0
         model.eval()
-        if args.head == "threshold":
-            tune_threshold(accelerator, model, tokenizer, data["validation"], args)
-        predictions = predict_split(
-            accelerator, model, tokenizer, data["validation"]["text"], args, 1, f"validation {state['epoch']}"
-        )
-        metrics = evaluate_predictions(predictions, data["validation"]["labels"], labels)
+        with maybe_averaged(average, unwrapped):
+            if args.head == "threshold":
+                tune_threshold(accelerator, model, tokenizer, data["validation"], args)
+            predictions = predict_split(
+                accelerator, model, tokenizer, data["validation"]["text"], args, 1, f"validation {state['epoch']}"
+            )
+            metrics = evaluate_predictions(predictions, data["validation"]["labels"], labels)
+            improved = metrics["micro_f1"] > state["best_micro_f1"]
+            if improved:
+                save_model(accelerator, model, tokenizer, best_dir)
         record = {"epoch": state["epoch"], "step": state["global_step"]}
         record.update({f"validation_{k}": v for k, v in metrics.items()})
         state["history"].append(record)
@@ -460,12 +550,11 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             metrics["macro_f1"],
             metrics["subset_accuracy"],
         )
-        if metrics["micro_f1"] > state["best_micro_f1"]:
+        if improved:
             state.update(best_micro_f1=metrics["micro_f1"], best_epoch=state["epoch"], epochs_without_improvement=0)
-            save_model(accelerator, model, tokenizer, best_dir)
         else:
             state["epochs_without_improvement"] += 1
-        save_checkpoint(accelerator, args, state)
+        save_checkpoint(accelerator, args, state, average)
         if state["epochs_without_improvement"] >= args.early_stopping_patience:
             logger.info("early stopping: no improvement for %d epochs", args.early_stopping_patience)
             break
@@ -497,7 +586,7 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
     model = head_class.from_pretrained(best_dir).to(accelerator.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(best_dir)
     results: dict[str, Any] = {}
-    if "test" in data:
+    if "test" in data and not args.skip_test:
         references = data["test"]["labels"]
         texts = data["test"]["text"]
         predictions = predict_split(accelerator, model, tokenizer, texts, args, 1, "test")
@@ -612,6 +701,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lr_scheduler", default="linear", choices=["linear", "cosine", "constant_with_warmup"])
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--early_stopping_patience", type=int)
+    g.add_argument("--ema_decay", type=float, help="Evaluate and keep an EMA of the weights (e.g. 0.999); 0 = off.")
+    g.add_argument(
+        "--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+        help="Batch documents of similar length together (less padding).",
+    )  # fmt: skip
     g.add_argument("--mixed_precision", choices=["auto", "no", "fp16", "bf16"], default="auto")
     g.add_argument("--cpu", action="store_true", help="Train on the CPU even if a GPU is present.")
     g.add_argument("--seed", type=int, default=42)
@@ -623,6 +717,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_beams", type=int, default=3, help="Also evaluate test with this beam width (generation).")
     g.add_argument("--report_to", default="auto", help="'auto' (tensorboard/trackio if installed), 'none', or one.")
     g.add_argument("--show_examples", type=int, default=5)
+    g.add_argument("--skip_test", action="store_true", help="Do not touch the test split (for tuning runs).")
     g.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     settings = {**DEFAULTS, **PRESETS.get(args.preset, {})}

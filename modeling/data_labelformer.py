@@ -214,6 +214,61 @@ def label_target(label_ids: Sequence[int]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Shuffled indices in which each run of ``batch_size`` has similar lengths (less padding).
+
+    Each epoch: a seeded permutation is cut into mega-batches of ``batch_size * mega_batches``
+    rows, each mega-batch is sorted by length (longest first) and cut into batches, and the order
+    of all batches is shuffled. The order depends only on ``(seed, epoch)``, so a resumed run
+    sees the same batches. Use it as a DataLoader ``sampler`` with the same ``batch_size`` and
+    call `set_epoch` before each epoch.
+
+    Args:
+        lengths: tokens per row (after truncation), one per row of the data set.
+        batch_size: rows per batch.
+        mega_batches: batches per sorted group; larger = less padding, less randomness.
+        seed: base seed of the permutation.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, mega_batches: int = 50, seed: int = 0) -> None:
+        if batch_size < 1 or mega_batches < 1:
+            raise ValueError(f"batch_size and mega_batches must be >= 1, got {batch_size} and {mega_batches}.")
+        self.lengths = torch.as_tensor(list(lengths))
+        self.batch_size = batch_size
+        self.group = batch_size * mega_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches of row indices (the last one may be short)."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator)
+        batches = []
+        for start in range(0, len(order), self.group):
+            chunk = order[start : start + self.group]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)].tolist()
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        # keep the (possibly short) last batch last, so that only one batch is ever partial
+        last = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return shuffled + last
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield from batch
+
+
+# ---------------------------------------------------------------------------------------------
 # Collation
 # ---------------------------------------------------------------------------------------------
 
@@ -278,6 +333,7 @@ class MultiLabelCollator:
 
 __all__ = [
     "REUTERS_DIR",
+    "LengthGroupedSampler",
     "MultiLabelCollator",
     "build_label_vocabulary",
     "label_target",

@@ -84,7 +84,7 @@ def final_checkpoint(out: Path) -> Path:
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, tokenizer_dir):
     common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "2",
               "--save_every_steps", "5", "--label_order", "random",
-              "--scheduled_sampling", "0.3", "--save_total_limit", "10"]  # fmt: skip
+              "--scheduled_sampling", "0.3", "--save_total_limit", "10", "--ema_decay", "0.9"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run([*common, "--output_dir", str(straight)])
     # 16 batches per epoch: step 20 is mid-epoch 2, after a checkpoint at 15 and one at epoch end (16)

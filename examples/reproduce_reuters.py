@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Reproduce the Reuters-21578 ApteMod comparison: label generation vs threshold head vs tf-idf + SVM.
+
+########################################################################
+# One command trains and evaluates, on the same split of the embedded data set:
+#   - seq2seq:    the label-sequence generation head (test with greedy and beam search);
+#   - threshold:  the sigmoid threshold head on the same backbone and recipe;
+#   - svm:        tf-idf + LinearSVC, one-vs-rest (needs scikit-learn: pip install ".[svm]");
+#   - parallel:   the parallel (one-pass) label decoder, with --systems ... parallel.
+# The validation split is carved from the 7,770 training documents with a fixed seed; every
+# choice (epochs, SVM C, the threshold) is made on it, and the test set is read once per system.
+#
+#     python examples/reproduce_reuters.py --output_dir runs/reuters
+#
+# Writes DIR/results.json ({"seq2seq_greedy": {...}, "seq2seq_beam": {...}, "threshold": {...},
+# "svm": {...}}, each with micro_f1, macro_f1, example_f1, subset_accuracy, hamming_loss),
+# DIR/run_info.json (times, machine, settings) and the models in DIR/seq2seq and DIR/threshold.
+# On 2 CPU cores it finishes within an hour; on one GPU in a few minutes.
+########################################################################
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from modeling import build_label_vocabulary, load_multilabel_dataset, train_tokenizer  # noqa: E402
+from modeling.evaluation_labelformer import METRIC_KEYS, evaluate_predictions, write_json  # noqa: E402
+from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
+
+logger = logging.getLogger("reproduce_reuters")
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_multilabel.py"
+SYSTEMS = ("seq2seq", "threshold", "svm", "parallel")
+HEAD_OF = {"seq2seq": "generation", "threshold": "threshold", "parallel": "parallel"}
+
+# The recipe, chosen on the validation split (see README "Results"). Both neural heads share it.
+RECIPE: dict[str, Any] = dict(
+    vocab_size=16000, max_length=256, d_model=256, encoder_layers=2, decoder_layers=1, attention_heads=4,
+    ffn_dim=1024, dropout=0.1, norm_position="pre", batch_size=32, learning_rate=1e-3, warmup_ratio=0.05,
+    epochs=12, early_stopping_patience=4, ema_decay=0.999, label_order="frequency", num_beams=3,
+)  # fmt: skip
+SEED = 42
+VALIDATION_FRACTION = 0.1
+
+
+def svm_baseline(data, labels: list[str], seed: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """tf-idf (uni+bigrams, sublinear tf) + one-vs-rest LinearSVC; C picked on validation micro-F1."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.multiclass import OneVsRestClassifier
+        from sklearn.preprocessing import MultiLabelBinarizer
+        from sklearn.svm import LinearSVC
+    except ImportError as error:
+        raise SystemExit(
+            "The SVM baseline needs scikit-learn: pip install -e '.[svm]' (or leave 'svm' out of --systems)."
+        ) from error
+    binarizer = MultiLabelBinarizer(classes=labels)
+    known = set(labels)
+    y_train = binarizer.fit_transform([[x for x in row if x in known] for row in data["train"]["labels"]])
+    vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2, max_df=0.9)
+    x_train = vectorizer.fit_transform(list(data["train"]["text"]))
+    x_val = vectorizer.transform(list(data["validation"]["text"]))
+    x_test = vectorizer.transform(list(data["test"]["text"]))
+
+    def fit_predict(c: float, x) -> list[list[str]]:
+        model = OneVsRestClassifier(LinearSVC(C=c, random_state=seed), n_jobs=1).fit(x_train, y_train)
+        return [list(row) for row in binarizer.inverse_transform(model.predict(x))]
+
+    scores = {}
+    for c in (0.25, 0.5, 1.0, 2.0):
+        scores[c] = evaluate_predictions(fit_predict(c, x_val), data["validation"]["labels"], labels)["micro_f1"]
+    best_c = max(scores, key=scores.get)
+    metrics = evaluate_predictions(fit_predict(best_c, x_test), data["test"]["labels"], labels)
+    return metrics, {"C": best_c, "validation_micro_f1_by_C": scores}
+
+
+def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path) -> dict[str, Any]:
+    """Run examples/train_multilabel.py for one head (in its own process) and read its test metrics."""
+    settings = {**RECIPE, **({"epochs": args.epochs} if args.epochs else {})}
+    flags = [f"--{key}={value}" for key, value in settings.items()]
+    out = Path(args.output_dir) / system
+    command = [
+        *shlex.split(args.launcher), str(TRAIN_SCRIPT), "--head", HEAD_OF[system], "--output_dir", str(out),
+        "--overwrite_output_dir", "--tokenizer_name_or_path", str(tokenizer_dir), "--seed", str(SEED),
+        "--validation_fraction", str(VALIDATION_FRACTION), "--show_examples", "0", "--report_to", "none",
+        *flags, *(["--cpu"] if args.cpu else []), *(["--no_progress"] if args.no_progress else []),
+        *shlex.split(args.train_args),
+    ]  # fmt: skip
+    logger.info("training %s: %s", system, shlex.join(command))
+    subprocess.run(command, check=True)
+    return json.loads((out / "test_metrics.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=["seq2seq", "threshold", "svm"])
+    p.add_argument("--epochs", type=int, help=f"Override the recipe's {RECIPE['epochs']} epochs (smoke tests).")
+    p.add_argument("--max_train_samples", type=int, help="Train on fewer documents (smoke tests only).")
+    p.add_argument("--train_args", default="", help="Extra flags for train_multilabel.py (ablations), quoted.")
+    p.add_argument(
+        "--launcher", default=shlex.join([sys.executable]),
+        help="How to start train_multilabel.py, e.g. 'accelerate launch --multi_gpu --num_processes 4'.",
+    )  # fmt: skip
+    p.add_argument("--cpu", action="store_true", help="Train on the CPU even if a GPU is present.")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.max_train_samples:
+        args.train_args += f" --max_train_samples {args.max_train_samples}"
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    info: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() and not args.cpu else ""),
+        "recipe": RECIPE,
+        "seed": SEED,
+        "seconds": {},
+    }
+
+    # The same split as train_multilabel.py (same loader, fraction and seed).
+    data = load_multilabel_dataset(
+        validation_fraction=VALIDATION_FRACTION, seed=SEED, max_train_samples=args.max_train_samples
+    )
+    labels = build_label_vocabulary(data["train"]["labels"])
+    logger.info(
+        "Reuters ApteMod: %d train / %d validation / %d test documents, %d labels",
+        len(data["train"]), len(data["validation"]), len(data["test"]), len(labels),
+    )  # fmt: skip
+
+    results: dict[str, dict[str, float]] = {}
+    neural = [s for s in args.systems if s in HEAD_OF]
+    if neural:  # one tokenizer for all heads, trained on the training split only
+        tick = time.time()
+        tokenizer_dir = out / "tokenizer"
+        tokenizer = train_tokenizer(list(data["train"]["text"]), vocab_size=RECIPE["vocab_size"],
+                                    model_max_length=RECIPE["max_length"])  # fmt: skip
+        save_tokenizer(tokenizer, tokenizer_dir)
+        info["seconds"]["tokenizer"] = round(time.time() - tick, 1)
+    for system in args.systems:
+        tick = time.time()
+        if system == "svm":
+            results["svm"], info["svm"] = svm_baseline(data, labels, SEED)
+        else:
+            metrics = train_head(system, args, tokenizer_dir)
+            if system == "seq2seq":
+                results["seq2seq_greedy"] = {k: metrics[k] for k in METRIC_KEYS}
+                if "beam" in metrics:
+                    results["seq2seq_beam"] = metrics["beam"]
+            else:
+                results[system] = {k: metrics[k] for k in METRIC_KEYS}
+        info["seconds"][system] = round(time.time() - tick, 1)
+        write_json(results, out / "results.json")  # after each system, so a crash keeps what is done
+    info["seconds"]["total"] = round(time.time() - start, 1)
+    write_json(info, out / "run_info.json")
+
+    print(f"\nReuters-21578 ApteMod test ({len(data['test'])} documents), {info['machine']}")
+    print(f"{'system':16s} {'micro-F1':>9s} {'macro-F1':>9s} {'example-F1':>10s} {'subset acc':>10s} {'Hamming':>8s}")
+    for name, m in results.items():
+        print(f"{name:16s} {m['micro_f1']:9.4f} {m['macro_f1']:9.4f} {m['example_f1']:10.4f} "
+              f"{m['subset_accuracy']:10.4f} {m['hamming_loss']:8.4f}")  # fmt: skip
+    print(f"\nTimes (s): {info['seconds']}\nWrote {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
