@@ -45,6 +45,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "learning_rate=2e-3": ("generation", {"learning_rate": 2e-3}),
     "epochs=24": ("generation", {"epochs": 24, "early_stopping_patience": 6}),
     "max_length=512": ("generation", {"max_length": 512}),
+    "max_length=128": ("generation", {"max_length": 128}),
+    "threshold, max_length=128": ("threshold", {"max_length": 128}),
+    "auxiliary_bce_weight=1": ("generation", {"auxiliary_bce_weight": 1.0}),
+    "auxiliary_bce_weight=1, dropout=0": ("generation", {"auxiliary_bce_weight": 1.0, "dropout": 0.0}),
+    "dropout=0, label_smoothing=0.1": ("generation", {"dropout": 0.0, "label_smoothing": 0.1}),
+    "dropout=0, 2 decoder layers": ("generation", {"dropout": 0.0, "decoder_layers": 2}),
+    "dropout=0, learning_rate=2e-3": ("generation", {"dropout": 0.0, "learning_rate": 2e-3}),
 }  # fmt: skip
 
 

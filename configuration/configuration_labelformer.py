@@ -85,6 +85,10 @@ class LabelformerConfig(PretrainedConfig):
         classifier_threshold: Decision threshold of the sigmoid (binary relevance) head.
         classifier_pooling: How the threshold head pools the encoder: ``"mean"`` or ``"first"``.
         classifier_dropout: Dropout before the threshold head's classifier.
+        auxiliary_bce_weight: Weight of an auxiliary binary cross-entropy loss that the generation
+            head adds in training: a linear classifier on the mean-pooled encoder predicts the
+            label set directly, which gives the encoder a dense signal for every label (multi-task
+            learning). 0 turns it off; decoding never uses it.
     """
 
     model_type = "labelformer"
@@ -129,6 +133,7 @@ class LabelformerConfig(PretrainedConfig):
         classifier_threshold: float = 0.5,
         classifier_pooling: str = "mean",
         classifier_dropout: float = 0.1,
+        auxiliary_bce_weight: float = 0.0,
         pad_token_id: int = PAD_TOKEN_ID,
         bos_token_id: int = BOS_TOKEN_ID,
         eos_token_id: int = EOS_TOKEN_ID,
@@ -167,6 +172,7 @@ class LabelformerConfig(PretrainedConfig):
         self.classifier_threshold = classifier_threshold
         self.classifier_pooling = classifier_pooling
         self.classifier_dropout = classifier_dropout
+        self.auxiliary_bce_weight = auxiliary_bce_weight
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -208,6 +214,10 @@ class LabelformerConfig(PretrainedConfig):
             "classifier_dropout",
         ):
             _check_probability(name, getattr(self, name))
+        if not isinstance(self.auxiliary_bce_weight, (int, float)) or self.auxiliary_bce_weight < 0:
+            raise ValueError(
+                f"`auxiliary_bce_weight` must be a number >= 0 (0 turns it off), got {self.auxiliary_bce_weight!r}."
+            )
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             raise ValueError(f"`layer_norm_eps` must be a positive number, got {self.layer_norm_eps!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:

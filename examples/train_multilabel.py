@@ -187,6 +187,7 @@ def build_model(args: argparse.Namespace, labels: list[str], vocab_size: int, ma
         min_labels=0 if args.allow_empty_labels else 1,
         max_labels=args.max_labels or max_labels_seen,
         scheduled_sampling_prob=args.scheduled_sampling,
+        auxiliary_bce_weight=args.auxiliary_bce_weight if args.head == "generation" else 0.0,
         parallel_loss=args.parallel_loss,
     )
     return HEADS[args.head](config)
@@ -689,6 +690,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max_labels", type=int, help="Default: the most labels any training document has.")
     g.add_argument("--parallel_loss", choices=["ordered", "hungarian"], default="ordered", help="--head parallel")
     g.add_argument("--scheduled_sampling", type=float, default=0.0, help="Final probability of feeding predictions.")
+    g.add_argument("--auxiliary_bce_weight", type=float, default=0.0, help="Generation head: auxiliary BCE loss.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--max_steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")

@@ -751,6 +751,20 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
     def get_decoder(self) -> LabelformerDecoder:
         return self.model.decoder
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`, with ``config.vocab_size`` set to the decoder vocabulary while it runs.
+
+        Some transformers 5.x releases size beam-search scores by ``config.get_text_config().vocab_size``
+        rather than by the logits; with a decoder vocabulary of its own (the label heads) that is the
+        encoder's size. Generation only ever scores decoder tokens, so it sees the decoder's size.
+        """
+        encoder_vocab = self.config.vocab_size
+        self.config.vocab_size = self.config.decoder_vocab_size
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.config.vocab_size = encoder_vocab
+
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by `DataCollatorForSeq2Seq`: labels ``[b, t]`` -> decoder inputs ``[b, t]``."""
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)

@@ -222,6 +222,14 @@ def _check_label_vocabulary(config: LabelformerConfig) -> None:
         )
 
 
+def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the real (unmasked) positions: ``[b, s, d]``, ``[b, s]`` -> ``[b, d]``."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    mask = attention_mask.to(hidden_states.dtype)[..., None]  # [b, s, 1]
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
 class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerForConditionalGeneration):
     """Writes a document's labels one by one and stops with EOS (multi-label as seq2seq).
 
@@ -239,6 +247,9 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         super().__init__(config)
         #: Current scheduled-sampling probability; training loops may ramp it up to the config's value.
         self.scheduled_sampling_probability = config.scheduled_sampling_prob
+        if config.auxiliary_bce_weight:
+            self.auxiliary_classifier = nn.Linear(config.d_model, config.num_labels)
+            self.post_init()
 
     def label_processor(self) -> LabelSetLogitsProcessor:
         """The decoding constraints of this model's config."""
@@ -276,12 +287,19 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """As `LabelformerForConditionalGeneration.forward`, plus scheduled sampling in training."""
-        if self.training and labels is not None and decoder_input_ids is None and self.scheduled_sampling_probability:
-            if encoder_outputs is None:
-                encoder_outputs = self.model.encoder(input_ids, attention_mask)
+        """As `LabelformerForConditionalGeneration.forward`, plus scheduled sampling and the auxiliary loss.
+
+        With ``config.auxiliary_bce_weight`` > 0 and ``labels`` given, the loss is the sequence
+        cross-entropy plus that weight times the BCE of ``auxiliary_classifier`` (mean-pooled encoder
+        ``[b, d]`` -> ``[b, num_labels]``) against the label set read off ``labels`` ``[b, t]``.
+        """
+        sampling = self.training and self.scheduled_sampling_probability and decoder_input_ids is None
+        auxiliary = self.config.auxiliary_bce_weight and labels is not None
+        if labels is not None and (sampling or auxiliary) and encoder_outputs is None:
+            encoder_outputs = self.model.encoder(input_ids, attention_mask)
+        if labels is not None and sampling:
             decoder_input_ids = self._scheduled_sampling_inputs(labels, encoder_outputs, attention_mask)
-        return super().forward(
+        outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
@@ -289,6 +307,21 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
             labels=labels,
             **kwargs,
         )
+        if auxiliary:
+            outputs.loss = outputs.loss + self.config.auxiliary_bce_weight * self._auxiliary_loss(
+                encoder_outputs[0], attention_mask, labels
+            )
+        return outputs
+
+    def _auxiliary_loss(
+        self, encoder_states: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """BCE of the pooled-encoder classifier against the label sets in ``labels`` ``[b, t]``."""
+        logits = self.auxiliary_classifier(masked_mean(encoder_states, attention_mask)).float()  # [b, num_labels]
+        is_label = labels >= NUM_SPECIAL_DECODER_TOKENS  # [b, t]; padding (-100) and EOS are not labels
+        index = (labels - NUM_SPECIAL_DECODER_TOKENS).clamp(min=0)  # non-labels add 0 at index 0
+        targets = torch.zeros_like(logits).scatter_add_(1, index, is_label.to(logits.dtype)).clamp_(max=1.0)
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
 
     def label_scores(
         self, sequences: torch.Tensor, encoder_outputs: BaseModelOutput, attention_mask: torch.Tensor
@@ -439,10 +472,7 @@ class LabelformerForMultiLabelClassification(MultiLabelPredictionMixin, Labelfor
         """``[b, s, d]`` -> ``[b, d]``: mean over real tokens, or the first token."""
         if self.config.classifier_pooling == "first":
             return hidden_states[:, 0]
-        if attention_mask is None:
-            return hidden_states.mean(dim=1)
-        mask = attention_mask.to(hidden_states.dtype)[..., None]  # [b, s, 1]
-        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return masked_mean(hidden_states, attention_mask)
 
     def forward(
         self,

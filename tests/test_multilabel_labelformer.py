@@ -245,3 +245,59 @@ def test_fast_greedy_path_matches_generate(seed, limits):
     assert [list(r) for r in fast] == [list(r) for r in reference]
     for got, want in zip(fast, reference):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_generate_shows_the_decoder_vocabulary_size_while_it_runs():
+    # transformers 5.17 sizes beam scores by `config.get_text_config().vocab_size`; with a label
+    # vocabulary smaller than the text vocabulary that broke beam search (shape error).
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model = LabelformerForMultiLabelGeneration(synthetic_config()).eval()
+    assert model.config.vocab_size != model.config.decoder_vocab_size
+    seen = []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append((model.config.get_text_config().vocab_size, scores.shape[-1]))
+            return scores
+
+    ids, _ = synthetic_batch(3, 12, torch.Generator().manual_seed(0))
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=3,
+                   logits_processor=LogitsProcessorList([Record()]))  # fmt: skip
+    assert seen and all(vocab == width for vocab, width in seen)
+    assert model.config.vocab_size != model.config.decoder_vocab_size  # restored afterwards
+
+
+def test_auxiliary_bce_loss_reads_the_label_sets_and_round_trips(tmp_path):
+    config = synthetic_config(auxiliary_bce_weight=0.5)
+    model = LabelformerForMultiLabelGeneration(config).eval()
+    ids, _ = synthetic_batch(2, 10, torch.Generator().manual_seed(1))
+    # row 0: labels 0 and 4 then EOS; row 1: label 2, EOS, padding
+    labels = torch.tensor([[3, 7, 2], [5, 2, -100]])
+    plain = LabelformerForMultiLabelGeneration(synthetic_config())
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.eval()
+    sequence_loss = plain(input_ids=ids, labels=labels).loss
+    # a classifier that is confidently right about exactly these sets adds (almost) nothing ...
+    with torch.no_grad():
+        model.auxiliary_classifier.weight.zero_()
+        model.auxiliary_classifier.bias.fill_(-30.0)
+    encoder_states = model.model.encoder(ids).last_hidden_state
+    right = torch.full((2, config.num_labels), -30.0)
+    right[0, [0, 4]] = 30.0
+    right[1, 2] = 30.0
+    model.auxiliary_classifier.bias.data = right[0]
+    assert model._auxiliary_loss(encoder_states[:1], None, labels[:1]) < 1e-6
+    model.auxiliary_classifier.bias.data = right[1]
+    assert model._auxiliary_loss(encoder_states[1:], None, labels[1:]) < 1e-6
+    # ... and an uninformed one adds weight * log(2) to the sequence loss
+    model.auxiliary_classifier.bias.data.zero_()
+    total = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(total, sequence_loss + 0.5 * torch.log(torch.tensor(2.0)))
+    total.backward()
+    assert model.auxiliary_classifier.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    loaded = LabelformerForMultiLabelGeneration.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.auxiliary_classifier.bias, model.auxiliary_classifier.bias)
+    with pytest.raises(ValueError, match="auxiliary_bce_weight"):
+        synthetic_config(auxiliary_bce_weight=-1.0)
