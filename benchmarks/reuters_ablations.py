@@ -52,6 +52,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dropout=0, label_smoothing=0.1": ("generation", {"dropout": 0.0, "label_smoothing": 0.1}),
     "dropout=0, 2 decoder layers": ("generation", {"dropout": 0.0, "decoder_layers": 2}),
     "dropout=0, learning_rate=2e-3": ("generation", {"dropout": 0.0, "learning_rate": 2e-3}),
+    "max_length=128, dropout=0": ("generation", {"max_length": 128, "dropout": 0.0}),
+    "max_length=128, auxiliary_bce_weight=1": ("generation", {"max_length": 128, "auxiliary_bce_weight": 1.0}),
+    "max_length=128, dropout=0, auxiliary_bce_weight=1": (
+        "generation", {"max_length": 128, "dropout": 0.0, "auxiliary_bce_weight": 1.0}),
+    "threshold, max_length=128, dropout=0": ("threshold", {"max_length": 128, "dropout": 0.0}),
 }  # fmt: skip
 
 

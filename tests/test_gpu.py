@@ -1,0 +1,112 @@
+"""CUDA checks: attention backends, bf16, cached decoding and the label fast paths on a GPU.
+
+Skipped where no CUDA device is present (CI); run on a GPU machine with
+``python -m pytest -q tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from modeling import LabelformerForConditionalGeneration, LabelformerForMultiLabelGeneration
+from modeling.parallel_labelformer import LabelformerForParallelLabelGeneration
+
+from .conftest import tiny_config
+from .synthetic import LABELS, synthetic_batch, synthetic_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+def padded_batch(batch: int = 4, length: int = 24, vocab: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, length // 2 :] = 0  # one padded row
+    return ids.to(CUDA), mask.to(CUDA)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_sdpa_matches_eager_on_cuda(dtype, atol):
+    torch.manual_seed(0)
+    model = LabelformerForConditionalGeneration(tiny_config()).to(CUDA, dtype).eval()
+    ids, mask = padded_batch()
+    decoder_ids = ids[:, :7]
+    outputs = {}
+    for backend in ("eager", "sdpa"):
+        model.config._attn_implementation = backend
+        with torch.no_grad():
+            outputs[backend] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits.float()
+    torch.testing.assert_close(outputs["sdpa"], outputs["eager"], atol=atol, rtol=atol)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+def test_flash_attention_2_matches_sdpa_in_bf16():
+    torch.manual_seed(0)
+    model = LabelformerForConditionalGeneration(tiny_config()).to(CUDA, torch.bfloat16).eval()
+    ids, mask = padded_batch()
+    outputs = {}
+    for backend in ("sdpa", "flash_attention_2"):
+        model.config._attn_implementation = backend
+        with torch.no_grad():
+            outputs[backend] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7]).logits.float()
+    torch.testing.assert_close(outputs["flash_attention_2"], outputs["sdpa"], atol=5e-2, rtol=5e-2)
+
+
+def test_cached_generation_on_cuda_matches_the_cpu():
+    torch.manual_seed(0)
+    model = LabelformerForConditionalGeneration(tiny_config()).eval()
+    ids, mask = padded_batch()
+    kwargs = dict(max_new_tokens=8, num_beams=1, do_sample=False)
+    on_cpu = model.generate(input_ids=ids.cpu(), attention_mask=mask.cpu(), **kwargs)
+    model.to(CUDA)
+    on_gpu = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+    assert torch.equal(uncached, on_gpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_fast_paths_match_generate_on_cuda(dtype):
+    torch.manual_seed(0)
+    config = synthetic_config(max_labels=4)
+    model = LabelformerForMultiLabelGeneration(config).to(CUDA, dtype).eval()
+    ids, _ = synthetic_batch(8, 16, torch.Generator().manual_seed(0))
+    ids = ids.to(CUDA)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        tokens, _ = model.greedy_labels(ids, mask)
+        reference = model.generate(input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False)[:, 1:]
+    width = min(tokens.shape[1], reference.shape[1])
+    fast = torch.where(tokens[:, :width] == config.pad_token_id, config.eos_token_id, tokens[:, :width])
+    slow = torch.where(reference[:, :width] == config.pad_token_id, config.eos_token_id, reference[:, :width])
+    assert torch.equal(fast, slow)
+    parallel = LabelformerForParallelLabelGeneration(synthetic_config(max_labels=4)).to(CUDA, dtype).eval()
+    with torch.no_grad():
+        for row in parallel.predict_batch(ids, mask):
+            assert len(row) == len(set(row)) <= 4
+
+
+def test_bf16_autocast_training_learns_on_cuda():
+    torch.manual_seed(0)
+    model = LabelformerForMultiLabelGeneration(synthetic_config(auxiliary_bce_weight=1.0)).to(CUDA).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        ids, label_sets = synthetic_batch(32, 16, generator)
+        targets = torch.full((32, len(LABELS) + 1), -100)
+        for i, names in enumerate(label_sets):
+            row = [LABELS.index(n) + 3 for n in names] + [2]
+            targets[i, : len(row)] = torch.tensor(row)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids.to(CUDA), labels=targets.to(CUDA)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
