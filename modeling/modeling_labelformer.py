@@ -432,6 +432,24 @@ class LabelformerDecoder(nn.Module):
         )
         self.final_norm = _final_norm(config)
 
+    def decode_step(self, input_ids: torch.Tensor, cache: StaticDecodingCache) -> torch.Tensor:
+        """One decoding step with a `StaticDecodingCache`: ``[b, 1]`` token ids -> ``[b, d]`` final states.
+
+        Runs the same layers as `forward` with fixed shapes and no mask construction (self-attention
+        reads the cache's first ``step + 1`` slots; cross-attention uses the cached padding mask).
+        The caller advances ``cache.step``. Supports the eager and SDPA attention backends.
+        """
+        hidden_states = self.embeddings(input_ids, offset=cache.step)
+        mask = cache.cross_mask
+        if self.config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                f"decode_step supports the 'eager' and 'sdpa' attention backends, not "
+                f"{self.config._attn_implementation!r}; use generate() instead."
+            )
+        for layer in self.layers:
+            hidden_states, _, _ = layer(hidden_states, cache.encoder_states, None, mask, cache)
+        return self.final_norm(hidden_states)[:, -1]
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -492,6 +510,63 @@ class LabelformerDecoder(nn.Module):
             attentions=tuple(all_self) if output_attentions else None,
             cross_attentions=tuple(all_cross) if output_attentions else None,
         )
+
+
+class StaticDecodingCache:
+    """Preallocated decoder keys/values for step-by-step decoding with fixed shapes.
+
+    A drop-in for `EncoderDecoderCache` in the decoder layers (same ``update``/``layers``/``is_updated``
+    surface), used by `LabelformerDecoder.decode_step`: self-attention keys and values of step ``t``
+    are written in place into ``[b, h, max_steps, d_k]`` buffers and attention reads the first
+    ``t + 1`` slots (a view, so no mask is needed); cross-attention keys and values are projected
+    from the encoder once, in `set_encoder_states`. Buffer addresses never change, which is what
+    CUDA graph replay needs (see `LabelformerForMultiLabelGeneration.greedy_labels`).
+    """
+
+    def __init__(self, decoder: LabelformerDecoder, batch: int, source_len: int, max_steps: int,
+                 device: torch.device, dtype: torch.dtype) -> None:  # fmt: skip
+        config = decoder.config
+        heads = config.decoder_attention_heads
+        shape = (batch, heads, max_steps, config.d_model // heads)
+        cross_shape = (batch, heads, source_len, config.d_model // heads)
+        self.decoder = decoder
+        self.max_steps = max_steps
+        self.step = 0  # the slot the next `update` writes
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder.layers]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder.layers]
+        self.cross_keys = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in decoder.layers]
+        self.cross_values = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in decoder.layers]
+        self.cross_mask = torch.ones(batch, 1, 1, source_len, device=device, dtype=torch.bool)
+        self.encoder_states = torch.zeros(batch, source_len, config.d_model, device=device, dtype=dtype)
+        # the `EncoderDecoderCache` surface read by `LabelformerAttention._keys_values`
+        self.self_attention_cache = self
+        self.cross_attention_cache = self
+        self.is_updated = {i: True for i in range(len(decoder.layers))}
+        self.layers = [_KeysValues(k, v) for k, v in zip(self.cross_keys, self.cross_values)]
+
+    @torch.no_grad()
+    def set_encoder_states(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Copy in ``[b, s, d]`` encoder states and ``[b, s]`` mask; project cross keys/values; reset the step."""
+        self.encoder_states.copy_(encoder_states)
+        self.cross_mask.copy_((attention_mask if attention_mask is not None else torch.ones_like(
+            encoder_states[..., 0])).bool()[:, None, None, :])  # fmt: skip
+        for i, layer in enumerate(self.decoder.layers):
+            attention = layer.cross_attn
+            self.cross_keys[i].copy_(attention._split_heads(attention.k_proj(encoder_states)))
+            self.cross_values[i].copy_(attention._split_heads(attention.v_proj(encoder_states)))
+        self.step = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``[b, h, 1, d_k]`` at the current step; return the keys/values so far ``[b, h, t + 1, d_k]``."""
+        t = self.step
+        self.keys[layer_idx][:, :, t : t + 1].copy_(key)
+        self.values[layer_idx][:, :, t : t + 1].copy_(value)
+        return self.keys[layer_idx][:, :, : t + 1], self.values[layer_idx][:, :, : t + 1]
+
+
+class _KeysValues:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
 
 
 # ---------------------------------------------------------------------------------------------

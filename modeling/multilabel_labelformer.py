@@ -16,13 +16,13 @@ This file is copied into saved model folders and must only import our own code r
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 from transformers.utils import logging
 
@@ -31,6 +31,7 @@ from .modeling_labelformer import (
     LabelformerEncoder,
     LabelformerForConditionalGeneration,
     LabelformerPreTrainedModel,
+    StaticDecodingCache,
     shift_tokens_right,
 )
 from .pipeline_labelformer import TASK as PIPELINE_TASK
@@ -222,6 +223,50 @@ def _check_label_vocabulary(config: LabelformerConfig) -> None:
         )
 
 
+class _DecodeStepper:
+    """Runs decoder step ``t`` (`LabelformerDecoder.decode_step` + ``lm_head``) on a `StaticDecodingCache`.
+
+    With ``cuda_graphs`` each step is captured once as a CUDA graph (step ``t`` reads the first
+    ``t + 1`` cache slots, so every step has its own fixed-shape graph) and later calls replay it:
+    one launch per step instead of one per kernel.
+    """
+
+    def __init__(self, model: Any, batch: int, source_len: int, steps: int, device: torch.device,
+                 dtype: torch.dtype, cuda_graphs: bool) -> None:  # fmt: skip
+        self.model = weakref.proxy(model)  # the registry holds steppers per model: no cycle
+        self.cache = StaticDecodingCache(model.model.decoder, batch, source_len, steps, device, dtype)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cuda_graphs = cuda_graphs
+        self.graphs: list[torch.cuda.CUDAGraph | None] = [None] * steps
+        self.outputs: list[torch.Tensor | None] = [None] * steps
+
+    def _run(self) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.decoder.decode_step(self.tokens, self.cache))
+
+    def __call__(self, step: int, tokens: torch.Tensor) -> torch.Tensor:
+        """``[b, 1]`` input tokens at ``step`` -> ``[b, v]`` logits (a buffer overwritten by the next call)."""
+        self.tokens.copy_(tokens)
+        self.cache.step = step
+        if not self.cuda_graphs:
+            return self._run()
+        if self.graphs[step] is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph (same inputs: idempotent)
+                self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.outputs[step] = self._run()
+            self.graphs[step] = graph
+        self.graphs[step].replay()
+        return self.outputs[step]
+
+
+#: Per model: CUDA-graph steppers by batch shape (outside the module, so copies and pickles never see them).
+_GRAPH_STEPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over the real (unmasked) positions: ``[b, s, d]``, ``[b, s]`` -> ``[b, d]``."""
     if attention_mask is None:
@@ -247,6 +292,8 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         super().__init__(config)
         #: Current scheduled-sampling probability; training loops may ramp it up to the config's value.
         self.scheduled_sampling_probability = config.scheduled_sampling_prob
+        #: Replay `greedy_labels` decoder steps as CUDA graphs on GPUs (captured per batch shape).
+        self.use_cuda_graphs = True
         if config.auxiliary_bce_weight:
             self.auxiliary_classifier = nn.Linear(config.d_model, config.num_labels)
             self.post_init()
@@ -361,18 +408,18 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         config = self.config
         encoder_states = self.model.encoder(input_ids, attention_mask).last_hidden_state
         batch, vocab = encoder_states.shape[0], config.decoder_vocab_size
-        cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        steps = config.effective_max_labels + 1
+        stepper = self._greedy_stepper(encoder_states, steps)
+        stepper.cache.set_encoder_states(encoder_states, attention_mask)
         current = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
         used = torch.zeros(batch, vocab, dtype=torch.bool, device=input_ids.device)
         count = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens, scores = [], []
-        for _ in range(config.effective_max_labels + 1):
-            hidden = self.model.decoder(
-                current, encoder_states, encoder_attention_mask=attention_mask, past_key_values=cache, use_cache=True
-            ).last_hidden_state[:, -1]  # [b, d]
+        for step in range(steps):
+            logits = stepper(step, current)  # [b, v]
             allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
-            probs = self.lm_head(hidden).float().masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, v]
+            probs = logits.float().masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, v]
             best = probs.argmax(-1)
             score = probs.gather(-1, best[:, None]).squeeze(-1)
             best = best.masked_fill(done, config.pad_token_id)
@@ -386,6 +433,28 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
                 break
             current = best[:, None]
         return torch.stack(tokens, 1), torch.stack(scores, 1)
+
+    def _greedy_stepper(self, encoder_states: torch.Tensor, steps: int) -> _DecodeStepper:
+        """A stepper for this batch shape: reused (with its CUDA graphs) while shapes and weights stay."""
+        use_graphs = (
+            self.use_cuda_graphs
+            and encoder_states.is_cuda
+            and self.config._attn_implementation in ("eager", "sdpa")
+            and not torch.compiler.is_compiling()
+        )
+        batch, source_len = encoder_states.shape[:2]
+        if not use_graphs:
+            return _DecodeStepper(self, batch, source_len, steps, encoder_states.device, encoder_states.dtype, False)
+        weights = (self.lm_head.weight.data_ptr(), self.model.decoder.layers[0].self_attn.q_proj.weight.data_ptr())
+        key = (batch, source_len, steps, encoder_states.device, encoder_states.dtype, self.config._attn_implementation,
+               weights)  # fmt: skip
+        steppers = _GRAPH_STEPPERS.setdefault(self, {})
+        if key not in steppers:
+            if len(steppers) >= 8:  # a few shapes at most; graphs hold their own memory pools
+                steppers.pop(next(iter(steppers)))
+            steppers[key] = _DecodeStepper(self, batch, source_len, steps, encoder_states.device,
+                                           encoder_states.dtype, True)  # fmt: skip
+        return steppers[key]
 
     def predict_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1

@@ -230,3 +230,29 @@ def test_flex_attention_matches_eager_in_inference():
         )
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6)
         assert torch.equal(flex.generate(**kwargs), eager.generate(**kwargs))
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_static_decoding_cache_steps_match_the_full_decoder(backend):
+    from modeling.modeling_labelformer import StaticDecodingCache
+
+    torch.manual_seed(0)
+    model = LabelformerForConditionalGeneration(tiny_config(decoder_vocab_size=12, init_std=0.2)).eval()
+    model.config._attn_implementation = backend
+    ids = torch.randint(4, 40, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    targets = torch.randint(3, 12, (3, 6))
+    with torch.no_grad():
+        encoder_states = model.model.encoder(ids, mask).last_hidden_state
+        full = model(encoder_outputs=(encoder_states,), attention_mask=mask, decoder_input_ids=targets).logits
+        cache = StaticDecodingCache(model.model.decoder, 3, 9, 6, ids.device, encoder_states.dtype)
+        for _ in range(2):  # the cache is reusable: a second pass over the same buffers gives the same
+            cache.set_encoder_states(encoder_states, mask)
+            for t in range(6):
+                cache.step = t
+                step = model.lm_head(model.model.decoder.decode_step(targets[:, t : t + 1], cache))
+                torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=1e-5)
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="eager' and 'sdpa"):
+        model.model.decoder.decode_step(targets[:, :1], cache)
