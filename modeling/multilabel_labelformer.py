@@ -223,48 +223,72 @@ def _check_label_vocabulary(config: LabelformerConfig) -> None:
         )
 
 
-class _DecodeStepper:
-    """Runs decoder step ``t`` (`LabelformerDecoder.decode_step` + ``lm_head``) on a `StaticDecodingCache`.
+class _GreedyLabelDecoder:
+    """Constrained greedy label decoding on a `StaticDecodingCache`, for one batch shape.
 
-    With ``cuda_graphs`` each step is captured once as a CUDA graph (step ``t`` reads the first
-    ``t + 1`` cache slots, so every step has its own fixed-shape graph) and later calls replay it:
-    one launch per step instead of one per kernel.
+    Each step runs `LabelformerDecoder.decode_step` + ``lm_head`` and applies the label-set rules
+    as running state (``used`` labels, label ``count``, rows ``done``). Eagerly it stops once
+    every row has emitted EOS. With ``cuda_graph`` the whole loop (all ``steps`` steps and the
+    rules) is captured once as one CUDA graph and later calls replay it: one launch per batch
+    instead of hundreds of small kernels, and no host synchronisation between steps.
     """
 
     def __init__(self, model: Any, batch: int, source_len: int, steps: int, device: torch.device,
-                 dtype: torch.dtype, cuda_graphs: bool) -> None:  # fmt: skip
-        self.model = weakref.proxy(model)  # the registry holds steppers per model: no cycle
+                 dtype: torch.dtype, cuda_graph: bool) -> None:  # fmt: skip
+        self.model = weakref.proxy(model)  # the registry holds decoders per model: no cycle
         self.cache = StaticDecodingCache(model.model.decoder, batch, source_len, steps, device, dtype)
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.cuda_graphs = cuda_graphs
-        self.graphs: list[torch.cuda.CUDAGraph | None] = [None] * steps
-        self.outputs: list[torch.Tensor | None] = [None] * steps
+        self.batch, self.steps, self.device = batch, steps, device
+        self.cuda_graph = cuda_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _run(self) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.decoder.decode_step(self.tokens, self.cache))
+    def _decode(self, early_exit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.model.config
+        batch, device = self.batch, self.device
+        current = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long, device=device)
+        used = torch.zeros(batch, config.decoder_vocab_size, dtype=torch.bool, device=device)
+        count = torch.zeros(batch, dtype=torch.long, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        tokens, scores = [], []
+        for step in range(self.steps):
+            self.cache.step = step
+            logits = self.model.lm_head(self.model.model.decoder.decode_step(current, self.cache))  # [b, v]
+            allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
+            probs = logits.float().masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, v]
+            best = probs.argmax(-1)
+            score = probs.gather(-1, best[:, None]).squeeze(-1)
+            best = best.masked_fill(done, config.pad_token_id)
+            tokens.append(best)
+            scores.append(score.masked_fill(done, 0.0))
+            used.scatter_(1, best[:, None], True)
+            is_label = best >= NUM_SPECIAL_DECODER_TOKENS
+            count += is_label.long()
+            done |= ~is_label
+            if early_exit and bool(done.all()):
+                break
+            current = best[:, None]
+        return torch.stack(tokens, 1), torch.stack(scores, 1)
 
-    def __call__(self, step: int, tokens: torch.Tensor) -> torch.Tensor:
-        """``[b, 1]`` input tokens at ``step`` -> ``[b, v]`` logits (a buffer overwritten by the next call)."""
-        self.tokens.copy_(tokens)
-        self.cache.step = step
-        if not self.cuda_graphs:
-            return self._run()
-        if self.graphs[step] is None:
+    def __call__(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor | None):
+        """``[b, s, d]`` encoder states -> ``[b, t]`` tokens and ``[b, t]`` probabilities."""
+        self.cache.set_encoder_states(encoder_states, attention_mask)
+        if not self.cuda_graph:
+            return self._decode(early_exit=True)
+        if self.graph is None:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph (same inputs: idempotent)
-                self._run()
+                self._decode(early_exit=False)
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.outputs[step] = self._run()
-            self.graphs[step] = graph
-        self.graphs[step].replay()
-        return self.outputs[step]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self._decode(early_exit=False)
+        self.graph.replay()
+        return self.outputs[0].clone(), self.outputs[1].clone()
 
 
-#: Per model: CUDA-graph steppers by batch shape (outside the module, so copies and pickles never see them).
-_GRAPH_STEPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Per model: CUDA-graph decoders by batch shape (outside the module, so copies and pickles never see them).
+_GRAPH_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -292,7 +316,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         super().__init__(config)
         #: Current scheduled-sampling probability; training loops may ramp it up to the config's value.
         self.scheduled_sampling_probability = config.scheduled_sampling_prob
-        #: Replay `greedy_labels` decoder steps as CUDA graphs on GPUs (captured per batch shape).
+        #: Replay `greedy_labels`' decoding loop as a CUDA graph on GPUs (captured per batch shape).
         self.use_cuda_graphs = True
         if config.auxiliary_bce_weight:
             self.auxiliary_classifier = nn.Linear(config.d_model, config.num_labels)
@@ -402,40 +426,19 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         probability of each choice taken on the way (no second scoring pass). Stops as soon as
         every row has emitted EOS.
 
+        On a CUDA device (eager/SDPA attention, ``use_cuda_graphs``) the decoding loop is replayed
+        as one CUDA graph captured per batch shape; it then always runs ``max_labels + 1`` steps
+        (rows that are done emit padding), so ``t`` is that width.
+
         Returns:
             ``[b, t]`` chosen tokens (labels, then EOS, then padding) and ``[b, t]`` their probabilities.
         """
-        config = self.config
         encoder_states = self.model.encoder(input_ids, attention_mask).last_hidden_state
-        batch, vocab = encoder_states.shape[0], config.decoder_vocab_size
-        steps = config.effective_max_labels + 1
-        stepper = self._greedy_stepper(encoder_states, steps)
-        stepper.cache.set_encoder_states(encoder_states, attention_mask)
-        current = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-        used = torch.zeros(batch, vocab, dtype=torch.bool, device=input_ids.device)
-        count = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        tokens, scores = [], []
-        for step in range(steps):
-            logits = stepper(step, current)  # [b, v]
-            allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
-            probs = logits.float().masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, v]
-            best = probs.argmax(-1)
-            score = probs.gather(-1, best[:, None]).squeeze(-1)
-            best = best.masked_fill(done, config.pad_token_id)
-            tokens.append(best)
-            scores.append(score.masked_fill(done, 0.0))
-            used.scatter_(1, best[:, None], True)
-            is_label = best >= NUM_SPECIAL_DECODER_TOKENS
-            count += is_label.long()
-            done |= ~is_label
-            if bool(done.all()):
-                break
-            current = best[:, None]
-        return torch.stack(tokens, 1), torch.stack(scores, 1)
+        decoder = self._greedy_decoder(encoder_states, self.config.effective_max_labels + 1)
+        return decoder(encoder_states, attention_mask)
 
-    def _greedy_stepper(self, encoder_states: torch.Tensor, steps: int) -> _DecodeStepper:
-        """A stepper for this batch shape: reused (with its CUDA graphs) while shapes and weights stay."""
+    def _greedy_decoder(self, encoder_states: torch.Tensor, steps: int) -> _GreedyLabelDecoder:
+        """A decoder for this batch shape: reused (with its CUDA graph) while shapes and weights stay."""
         use_graphs = (
             self.use_cuda_graphs
             and encoder_states.is_cuda
@@ -444,17 +447,18 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         )
         batch, source_len = encoder_states.shape[:2]
         if not use_graphs:
-            return _DecodeStepper(self, batch, source_len, steps, encoder_states.device, encoder_states.dtype, False)
+            return _GreedyLabelDecoder(self, batch, source_len, steps, encoder_states.device, encoder_states.dtype,
+                                       False)  # fmt: skip
         weights = (self.lm_head.weight.data_ptr(), self.model.decoder.layers[0].self_attn.q_proj.weight.data_ptr())
-        key = (batch, source_len, steps, encoder_states.device, encoder_states.dtype, self.config._attn_implementation,
-               weights)  # fmt: skip
-        steppers = _GRAPH_STEPPERS.setdefault(self, {})
-        if key not in steppers:
-            if len(steppers) >= 8:  # a few shapes at most; graphs hold their own memory pools
-                steppers.pop(next(iter(steppers)))
-            steppers[key] = _DecodeStepper(self, batch, source_len, steps, encoder_states.device,
-                                           encoder_states.dtype, True)  # fmt: skip
-        return steppers[key]
+        key = (batch, source_len, steps, self.config.min_labels, encoder_states.device, encoder_states.dtype,
+               self.config._attn_implementation, weights)  # fmt: skip
+        decoders = _GRAPH_DECODERS.setdefault(self, {})
+        if key not in decoders:
+            if len(decoders) >= 8:  # a few shapes at most; graphs hold their own memory pools
+                decoders.pop(next(iter(decoders)))
+            decoders[key] = _GreedyLabelDecoder(self, batch, source_len, steps, encoder_states.device,
+                                                encoder_states.dtype, True)  # fmt: skip
+        return decoders[key]
 
     def predict_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
