@@ -93,6 +93,8 @@ def svm_baseline(data, labels: list[str], seed: int) -> tuple[dict[str, float], 
 def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path) -> dict[str, Any]:
     """Run examples/train_multilabel.py for one head (in its own process) and read its test metrics."""
     settings = {**RECIPE, **PER_SYSTEM.get(system, {}), **({"epochs": args.epochs} if args.epochs else {})}
+    if system == "seq2seq" and args.seq2seq_init == "threshold":
+        settings["init_encoder_from"] = Path(args.output_dir) / "threshold"
     flags = [f"--{key}={value}" for key, value in settings.items()]
     out = Path(args.output_dir) / system
     command = [
@@ -113,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=["seq2seq", "threshold", "svm"])
     p.add_argument("--epochs", type=int, help=f"Override the recipe's {RECIPE['epochs']} epochs (smoke tests).")
     p.add_argument("--max_train_samples", type=int, help="Train on fewer documents (smoke tests only).")
+    p.add_argument(
+        "--seq2seq_init", choices=["scratch", "threshold"], default="scratch",
+        help="'threshold': train the threshold head first and start the seq2seq head from its encoder.",
+    )  # fmt: skip
     p.add_argument("--train_args", default="", help="Extra flags for train_multilabel.py (ablations), quoted.")
     p.add_argument(
         "--launcher", default=shlex.join([sys.executable]),
@@ -145,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         len(data["train"]), len(data["validation"]), len(data["test"]), len(labels),
     )  # fmt: skip
 
+    if args.seq2seq_init == "threshold":
+        if not {"seq2seq", "threshold"} <= set(args.systems):
+            raise SystemExit("--seq2seq_init threshold needs both 'seq2seq' and 'threshold' in --systems.")
+        args.systems.sort(key=lambda s: s != "threshold")  # the threshold head first
     results: dict[str, dict[str, float]] = {}
     neural = [s for s in args.systems if s in HEAD_OF]
     if neural:  # one tokenizer for all heads, trained on the training split only

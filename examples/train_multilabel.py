@@ -193,6 +193,35 @@ def build_model(args: argparse.Namespace, labels: list[str], vocab_size: int, ma
     return HEADS[args.head](config)
 
 
+def init_encoder_from(model: torch.nn.Module, folder: str) -> None:
+    """Copy the encoder (and its token embeddings) of a saved Labelformer model of any head into ``model``.
+
+    Two-stage training: e.g. train the threshold head, whose per-label BCE gives the encoder a dense
+    signal, then start the label generator from its encoder. Sizes and tokenizer must match.
+    """
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise TrainingError(f"--init_encoder_from {folder}: no model.safetensors there (a saved Labelformer model).")
+    weights = load_file(str(path))
+    source = {}
+    for key, value in weights.items():
+        for prefix in ("model.encoder.", "encoder."):
+            if key.startswith(prefix):
+                source[key[len(prefix) :]] = value
+                break
+    encoder = model.get_encoder()
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(source))
+    wrong = sorted(k for k in expected.keys() & source.keys() if expected[k].shape != source[k].shape)
+    if missing or wrong:
+        raise TrainingError(
+            f"--init_encoder_from {folder}: its encoder does not fit this model (missing {missing[:3]}, "
+            f"other shapes {wrong[:3]}). Use the same model sizes and tokenizer as that run."
+        )
+    encoder.load_state_dict({k: source[k] for k in expected})
+    logger.info("encoder initialised from %s", folder)
+
+
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, LayerNorms and embeddings."""
     decay, no_decay = [], []
@@ -398,6 +427,8 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             report_unknown_labels(split_unknown_labels(data[split]["labels"], label2id)[1], split)
     tokenizer = get_tokenizer(args, accelerator, data["train"]["text"], resuming=checkpoint is not None)
     model = build_model(args, labels, len(tokenizer), max(1, max(len(x) for x in train_labels)))
+    if args.init_encoder_from and checkpoint is None:
+        init_encoder_from(model, args.init_encoder_from)
     logger.info(
         "%s: %d labels, %s parameters, %d train / %d validation documents, %d process(es) (%s)",
         type(model).__name__,
@@ -674,6 +705,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max_train_samples", type=int)
     g = p.add_argument_group("model")
     g.add_argument("--tokenizer_name_or_path", help="Use this tokenizer instead of training one.")
+    g.add_argument("--init_encoder_from", help="Start from the encoder of this saved model (e.g. a threshold run).")
     g.add_argument("--vocab_size", type=int)
     g.add_argument("--max_length", type=int, help="Tokens per document (truncation).")
     g.add_argument("--d_model", type=int)

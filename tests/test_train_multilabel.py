@@ -200,3 +200,20 @@ def test_example_accelerate_configs_parse(name):
         import modeling.modeling_labelformer as modeling_module
 
         assert all(hasattr(modeling_module, layer) for layer in layers)
+
+
+def test_init_encoder_from_a_threshold_run(tmp_path, data_files, tokenizer_dir):
+    common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "1"]
+    run([*common, "--head", "threshold", "--output_dir", str(tmp_path / "threshold")])
+    # learning rate 0: the generator's saved encoder must be exactly the threshold head's
+    run([*common, "--output_dir", str(tmp_path / "generation"), "--init_encoder_from", str(tmp_path / "threshold"),
+         "--learning_rate", "0", "--num_beams", "1"])  # fmt: skip
+    source = load_file(tmp_path / "threshold" / "model.safetensors")
+    target = load_file(tmp_path / "generation" / "model.safetensors")
+    encoder_keys = [k for k in source if k.startswith("encoder.")]
+    assert encoder_keys
+    for key in encoder_keys:
+        torch.testing.assert_close(target[f"model.{key}"], source[key], rtol=0, atol=0)
+    proc = run([*common, "--output_dir", str(tmp_path / "bad"), "--init_encoder_from", str(tmp_path / "threshold"),
+                "--d_model", "48", "--attention_heads", "4"], check=False)  # fmt: skip
+    assert proc.returncode == 2 and "does not fit this model" in proc.stderr
