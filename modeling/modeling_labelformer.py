@@ -800,6 +800,8 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
         super().__init__(config)
         self.model = LabelformerModel(config)
         self.lm_head = nn.Linear(config.d_model, config.decoder_vocab_size, bias=False)
+        #: Route plain greedy `generate()` calls through `greedy_generate` (same tokens, less overhead).
+        self.fast_greedy_generate = True
         self.post_init()
 
     def _tied_keys(self) -> dict[str, str]:
@@ -827,18 +829,108 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
         return self.model.decoder
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """`GenerationMixin.generate`, with ``config.vocab_size`` set to the decoder vocabulary while it runs.
+        """`GenerationMixin.generate`, plus a fast path for plain greedy decoding.
+
+        A call that asks for nothing but greedy decoding (``input_ids``, ``attention_mask``,
+        ``max_new_tokens``, ``min_new_tokens``, ``num_beams=1``, ``do_sample=False``, and a generation
+        config without penalties, forced tokens or extra outputs) runs `greedy_generate`: the same
+        tokens, decoded on a preallocated `StaticDecodingCache` without the generic loop's per-step
+        overhead. ``model.fast_greedy_generate = False`` always takes the generic loop.
 
         Some transformers 5.x releases size beam-search scores by ``config.get_text_config().vocab_size``
         rather than by the logits; with a decoder vocabulary of its own (the label heads) that is the
         encoder's size. Generation only ever scores decoder tokens, so it sees the decoder's size.
         """
+        fast = self._plain_greedy_request(args, kwargs)
+        if fast is not None:
+            return self.greedy_generate(**fast)
         encoder_vocab = self.config.vocab_size
         self.config.vocab_size = self.config.decoder_vocab_size
         try:
             return super().generate(*args, **kwargs)
         finally:
             self.config.vocab_size = encoder_vocab
+
+    # generation-config fields the fast greedy loop implements
+    _GREEDY_FIELDS = frozenset({
+        "max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache", "pad_token_id",
+        "bos_token_id", "eos_token_id", "decoder_start_token_id", "num_return_sequences", "transformers_version",
+        "_from_model_config", "early_stopping", "length_penalty",
+    })  # fmt: skip
+
+    def _plain_greedy_request(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """The arguments of `greedy_generate` if this `generate()` call is plain greedy decoding, else None."""
+        if args or not getattr(self, "fast_greedy_generate", True):
+            return None
+        if not {"input_ids", "attention_mask"} <= kwargs.keys() or kwargs.keys() - {
+            "input_ids",
+            "attention_mask",
+            "max_new_tokens",
+            "min_new_tokens",
+            "num_beams",
+            "do_sample",
+            "use_cache",
+        }:
+            return None
+        config = self.generation_config
+        # every other field must be unset or off (None, False, 0, empty)
+        if any(value for key, value in config.to_dict().items() if key not in self._GREEDY_FIELDS):
+            return None
+        if kwargs.get("num_beams", config.num_beams or 1) != 1 or kwargs.get("do_sample", config.do_sample):
+            return None
+        if not kwargs.get("use_cache", config.use_cache if config.use_cache is not None else True):
+            return None
+        if (config.num_return_sequences or 1) != 1 or self.config._attn_implementation not in ("eager", "sdpa"):
+            return None
+        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if max_new_tokens is None:  # length defaults differ between transformers releases: let generate() decide
+            return None
+        return {
+            "input_ids": kwargs["input_ids"],
+            "attention_mask": kwargs["attention_mask"],
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": kwargs.get("min_new_tokens", config.min_new_tokens) or 0,
+        }
+
+    @torch.no_grad()
+    def greedy_generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 20, min_new_tokens: int = 0
+    ) -> torch.Tensor:
+        """Greedy decoding on a `StaticDecodingCache`: ``[b, s]`` -> ``[b, 1 + t]`` (start token first).
+
+        Same result as ``generate(num_beams=1, do_sample=False)``: EOS is forbidden for the first
+        ``min_new_tokens`` steps, finished rows continue with padding, and decoding stops once every
+        row has produced EOS or after ``max_new_tokens`` steps.
+        """
+        config = self.generation_config
+        start = (
+            config.decoder_start_token_id
+            if config.decoder_start_token_id is not None
+            else self.config.decoder_start_token_id
+        )
+        eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+        pad = config.pad_token_id if config.pad_token_id is not None else eos_ids[0].item()
+        encoder_states = self.model.encoder(input_ids, attention_mask).last_hidden_state
+        batch, source_len = encoder_states.shape[:2]
+        cache = StaticDecodingCache(self.model.decoder, batch, source_len, max(max_new_tokens, 1),
+                                    encoder_states.device, encoder_states.dtype)  # fmt: skip
+        cache.set_encoder_states(encoder_states, attention_mask)
+        current = torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device)
+        output = [current]
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            cache.step = step
+            logits = self.lm_head(self.model.decoder.decode_step(current, cache)).float()  # [b, v]
+            if step < min_new_tokens:
+                logits[:, eos_ids] = float("-inf")
+            chosen = logits.argmax(-1).masked_fill(finished, pad)
+            output.append(chosen[:, None])
+            finished |= torch.isin(chosen, eos_ids)
+            if bool(finished.all()):
+                break
+            current = chosen[:, None]
+        return torch.cat(output, dim=1)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by `DataCollatorForSeq2Seq`: labels ``[b, t]`` -> decoder inputs ``[b, t]``."""

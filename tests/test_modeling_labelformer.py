@@ -256,3 +256,28 @@ def test_static_decoding_cache_steps_match_the_full_decoder(backend):
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="eager' and 'sdpa"):
         model.model.decoder.decode_step(targets[:, :1], cache)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("lengths", [{"max_new_tokens": 10}, {"max_new_tokens": 12, "min_new_tokens": 4}])
+def test_fast_greedy_generate_equals_the_generic_loop(attn, lengths):
+    # a small decoder vocabulary and large weights: EOS comes early in some rows, not in others
+    torch.manual_seed(3)
+    model = build(attn, decoder_vocab_size=6, init_std=0.5)
+    input_ids, attention_mask, _ = random_batch(model.config, batch=8)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, num_beams=1, do_sample=False, **lengths)
+    fast = model.generate(**kwargs)
+    model.fast_greedy_generate = False
+    generic = model.generate(**kwargs)
+    assert torch.equal(fast, generic)
+    finished_early = (fast[:, 1:-1] == model.config.eos_token_id).any(dim=1)
+    assert finished_early.any() and not finished_early.all()  # both cases are exercised
+    model.fast_greedy_generate = True
+    assert model._plain_greedy_request((), kwargs) is not None
+    # anything the fast loop does not implement goes to the generic loop
+    assert model._plain_greedy_request((), {**kwargs, "repetition_penalty": 1.3}) is None
+    assert model._plain_greedy_request((), {**kwargs, "num_beams": 2}) is None
+    no_length = {k: v for k, v in kwargs.items() if k != "max_new_tokens"}
+    assert model._plain_greedy_request((), no_length) is None  # length defaults are generate()'s business
+    model.generation_config.no_repeat_ngram_size = 2
+    assert model._plain_greedy_request((), kwargs) is None
