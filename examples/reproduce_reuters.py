@@ -55,12 +55,18 @@ RECIPE: dict[str, Any] = dict(
     epochs=12, early_stopping_patience=4, ema_decay=0.999, label_order="frequency", num_beams=3,
 )  # fmt: skip
 PER_SYSTEM: dict[str, dict[str, Any]] = {"seq2seq": {"dropout": 0.0}, "parallel": {"dropout": 0.0}}
+# Two-stage: the seq2seq head starts from the threshold head's encoder and needs fewer epochs.
+FROM_THRESHOLD: dict[str, Any] = {"epochs": 8, "early_stopping_patience": 3}
 SEED = 42
 VALIDATION_FRACTION = 0.1
 
 
 def svm_baseline(data, labels: list[str], seed: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """tf-idf (uni+bigrams, sublinear tf) + one-vs-rest LinearSVC; C picked on validation micro-F1."""
+    """tf-idf (unigrams, sublinear tf) + one-vs-rest LinearSVC; C picked on validation micro-F1.
+
+    The data set's reference (0.869 micro-F1) is this setup with C=16, fit on all 7,770 documents;
+    here it is fit on the training split without the validation documents, like the neural heads.
+    """
     try:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.multiclass import OneVsRestClassifier
@@ -73,7 +79,7 @@ def svm_baseline(data, labels: list[str], seed: int) -> tuple[dict[str, float], 
     binarizer = MultiLabelBinarizer(classes=labels)
     known = set(labels)
     y_train = binarizer.fit_transform([[x for x in row if x in known] for row in data["train"]["labels"]])
-    vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2, max_df=0.9)
+    vectorizer = TfidfVectorizer(sublinear_tf=True)
     x_train = vectorizer.fit_transform(list(data["train"]["text"]))
     x_val = vectorizer.transform(list(data["validation"]["text"]))
     x_test = vectorizer.transform(list(data["test"]["text"]))
@@ -83,7 +89,7 @@ def svm_baseline(data, labels: list[str], seed: int) -> tuple[dict[str, float], 
         return [list(row) for row in binarizer.inverse_transform(model.predict(x))]
 
     scores = {}
-    for c in (0.25, 0.5, 1.0, 2.0):
+    for c in (1.0, 4.0, 16.0, 64.0):
         scores[c] = evaluate_predictions(fit_predict(c, x_val), data["validation"]["labels"], labels)["micro_f1"]
     best_c = max(scores, key=scores.get)
     metrics = evaluate_predictions(fit_predict(best_c, x_test), data["test"]["labels"], labels)
@@ -94,6 +100,7 @@ def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path) -> di
     """Run examples/train_multilabel.py for one head (in its own process) and read its test metrics."""
     settings = {**RECIPE, **PER_SYSTEM.get(system, {}), **({"epochs": args.epochs} if args.epochs else {})}
     if system == "seq2seq" and args.seq2seq_init == "threshold":
+        settings.update(FROM_THRESHOLD, **({"epochs": args.epochs} if args.epochs else {}))
         settings["init_encoder_from"] = Path(args.output_dir) / "threshold"
     flags = [f"--{key}={value}" for key, value in settings.items()]
     out = Path(args.output_dir) / system
@@ -116,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help=f"Override the recipe's {RECIPE['epochs']} epochs (smoke tests).")
     p.add_argument("--max_train_samples", type=int, help="Train on fewer documents (smoke tests only).")
     p.add_argument(
-        "--seq2seq_init", choices=["scratch", "threshold"], default="scratch",
-        help="'threshold': train the threshold head first and start the seq2seq head from its encoder.",
+        "--seq2seq_init", choices=["scratch", "threshold"], default="threshold",
+        help="'threshold' (default): train the threshold head first and start the seq2seq head from its encoder "
+        "(two-stage); 'scratch': train the seq2seq head from random weights.",
     )  # fmt: skip
     p.add_argument("--train_args", default="", help="Extra flags for train_multilabel.py (ablations), quoted.")
     p.add_argument(
@@ -151,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         len(data["train"]), len(data["validation"]), len(data["test"]), len(labels),
     )  # fmt: skip
 
-    if args.seq2seq_init == "threshold":
-        if not {"seq2seq", "threshold"} <= set(args.systems):
-            raise SystemExit("--seq2seq_init threshold needs both 'seq2seq' and 'threshold' in --systems.")
+    if args.seq2seq_init == "threshold" and "seq2seq" in args.systems:
+        if "threshold" not in args.systems:
+            raise SystemExit("--seq2seq_init threshold needs 'threshold' in --systems too (or --seq2seq_init scratch).")
         args.systems.sort(key=lambda s: s != "threshold")  # the threshold head first
     results: dict[str, dict[str, float]] = {}
     neural = [s for s in args.systems if s in HEAD_OF]
