@@ -85,7 +85,8 @@ def svm_baseline(data, labels: list[str], seed: int) -> tuple[dict[str, float], 
     x_test = vectorizer.transform(list(data["test"]["text"]))
 
     def fit_predict(c: float, x) -> list[list[str]]:
-        model = OneVsRestClassifier(LinearSVC(C=c, random_state=seed), n_jobs=1).fit(x_train, y_train)
+        model = OneVsRestClassifier(LinearSVC(C=c, max_iter=20_000, random_state=seed), n_jobs=1)
+        model.fit(x_train, y_train)
         return [list(row) for row in binarizer.inverse_transform(model.predict(x))]
 
     scores = {}
