@@ -10,6 +10,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from configuration import LabelformerConfig
 
 from .data_labelformer import (
+    LengthGroupedSampler,
     MultiLabelCollator,
     build_label_vocabulary,
     load_multilabel_dataset,
@@ -19,6 +20,7 @@ from .modeling_labelformer import (
     LabelformerForConditionalGeneration,
     LabelformerModel,
     LabelformerPreTrainedModel,
+    StaticDecodingCache,
 )
 from .multilabel_labelformer import (
     LabelformerForMultiLabelClassification,
@@ -62,8 +64,10 @@ __all__ = [
     "LabelformerForParallelLabelGeneration",
     "LabelformerModel",
     "LabelformerPreTrainedModel",
+    "LengthGroupedSampler",
     "MultiLabelCollator",
     "MultiLabelGenerationPipeline",
+    "StaticDecodingCache",
     "build_label_vocabulary",
     "compute_multilabel_metrics",
     "load_multilabel_dataset",
