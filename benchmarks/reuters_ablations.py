@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from examples.reproduce_reuters import RECIPE, SEED, TRAIN_SCRIPT, VALIDATION_FRACTION  # noqa: E402
+from examples.reproduce_reuters import RECIPE, SEED, VALIDATION_FRACTION, train_arguments  # noqa: E402
 from modeling import load_multilabel_dataset, train_tokenizer  # noqa: E402
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
@@ -64,12 +64,7 @@ def run_variant(name: str, head: str, changes: dict, args, tokenizer_dir: Path) 
     settings = {**RECIPE, **changes}
     settings.pop("vocab_size")  # the shared tokenizer fixes it
     out = Path(args.output_dir) / name.replace(" ", "_").replace(",", "").replace("=", "-").replace("+", "p")
-    command = [
-        sys.executable, str(TRAIN_SCRIPT), "--head", head, "--output_dir", str(out), "--overwrite_output_dir",
-        "--tokenizer_name_or_path", str(tokenizer_dir), "--seed", str(SEED), "--validation_fraction",
-        str(VALIDATION_FRACTION), "--skip_test", "--no_progress", "--report_to", "none", "--show_examples", "0",
-        *[f"--{k}={v}" for k, v in settings.items()],
-    ]  # fmt: skip
+    command = [sys.executable, *train_arguments(head, out, tokenizer_dir, settings), "--skip_test", "--no_progress"]
     start = time.time()
     proc = subprocess.run(command, capture_output=True, text=True)
     seconds = time.time() - start

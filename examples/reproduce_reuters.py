@@ -97,19 +97,27 @@ def svm_baseline(data, labels: list[str], seed: int) -> tuple[dict[str, float], 
     return metrics, {"C": best_c, "validation_micro_f1_by_C": scores}
 
 
+def train_arguments(head: str, out: Path, tokenizer_dir: Path, settings: dict[str, Any]) -> list[str]:
+    """train_multilabel.py flags for one run on the shared split and tokenizer, ``settings`` as ``--key=value``."""
+    return [
+        str(TRAIN_SCRIPT), "--head", head, "--output_dir", str(out), "--overwrite_output_dir",
+        "--tokenizer_name_or_path", str(tokenizer_dir), "--seed", str(SEED),
+        "--validation_fraction", str(VALIDATION_FRACTION), "--show_examples", "0", "--report_to", "none",
+        *[f"--{key}={value}" for key, value in settings.items()],
+    ]  # fmt: skip
+
+
 def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path) -> dict[str, Any]:
     """Run examples/train_multilabel.py for one head (in its own process) and read its test metrics."""
-    settings = {**RECIPE, **PER_SYSTEM.get(system, {}), **({"epochs": args.epochs} if args.epochs else {})}
-    if system == "seq2seq" and args.seq2seq_init == "threshold":
-        settings.update(FROM_THRESHOLD, **({"epochs": args.epochs} if args.epochs else {}))
+    two_stage = system == "seq2seq" and args.seq2seq_init == "threshold"
+    settings = {**RECIPE, **PER_SYSTEM.get(system, {}), **(FROM_THRESHOLD if two_stage else {}),
+                **({"epochs": args.epochs} if args.epochs else {})}  # fmt: skip
+    if two_stage:
         settings["init_encoder_from"] = Path(args.output_dir) / "threshold"
-    flags = [f"--{key}={value}" for key, value in settings.items()]
     out = Path(args.output_dir) / system
     command = [
-        *shlex.split(args.launcher), str(TRAIN_SCRIPT), "--head", HEAD_OF[system], "--output_dir", str(out),
-        "--overwrite_output_dir", "--tokenizer_name_or_path", str(tokenizer_dir), "--seed", str(SEED),
-        "--validation_fraction", str(VALIDATION_FRACTION), "--show_examples", "0", "--report_to", "none",
-        *flags, *(["--cpu"] if args.cpu else []), *(["--no_progress"] if args.no_progress else []),
+        *shlex.split(args.launcher), *train_arguments(HEAD_OF[system], out, tokenizer_dir, settings),
+        *(["--cpu"] if args.cpu else []), *(["--no_progress"] if args.no_progress else []),
         *shlex.split(args.train_args),
     ]  # fmt: skip
     logger.info("training %s: %s", system, shlex.join(command))

@@ -30,13 +30,14 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -360,24 +361,13 @@ class WeightAverage:
         path = folder / self.FILE
         if not path.is_file():
             raise TrainingError(f"{folder} has no {self.FILE}: it was not written with --ema_decay.")
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: metadata and tensors
             self.updates = int(f.metadata()["updates"])
-        loaded = load_file(str(path))
+            loaded = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
         if loaded.keys() != self.shadow.keys():
             raise TrainingError(f"{path} does not match the model's parameters; resume with the same settings.")
         for name, value in loaded.items():
             self.shadow[name].copy_(value)
-
-
-@contextmanager
-def maybe_averaged(average: WeightAverage | None, model: torch.nn.Module) -> Iterator[None]:
-    if average is None:
-        yield
-    else:
-        with average.applied(model):
-            yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,7 +551,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         state["epoch"] += 1
         state["batches_done"] = 0
         model.eval()
-        with maybe_averaged(average, unwrapped):
+        with average.applied(unwrapped) if average is not None else nullcontext():
             if args.head == "threshold":
                 tune_threshold(accelerator, model, tokenizer, data["validation"], args)
             predictions = predict_split(

@@ -432,22 +432,22 @@ class LabelformerDecoder(nn.Module):
         )
         self.final_norm = _final_norm(config)
 
-    def decode_step(self, input_ids: torch.Tensor, cache: StaticDecodingCache) -> torch.Tensor:
-        """One decoding step with a `StaticDecodingCache`: ``[b, 1]`` token ids -> ``[b, d]`` final states.
+    def decode_step(self, input_ids: torch.Tensor, cache: StaticDecodingCache, step: int) -> torch.Tensor:
+        """Decoding step ``step`` with a `StaticDecodingCache`: ``[b, 1]`` token ids -> ``[b, d]`` final states.
 
         Runs the same layers as `forward` with fixed shapes and no mask construction (self-attention
-        reads the cache's first ``step + 1`` slots; cross-attention uses the cached padding mask).
-        The caller advances ``cache.step``. Supports the eager and SDPA attention backends.
+        writes cache slot ``step`` and reads the first ``step + 1`` slots; cross-attention uses the
+        cached padding mask). Supports the eager and SDPA attention backends.
         """
-        hidden_states = self.embeddings(input_ids, offset=cache.step)
-        mask = cache.cross_mask
         if self.config._attn_implementation not in ("eager", "sdpa"):
             raise ValueError(
                 f"decode_step supports the 'eager' and 'sdpa' attention backends, not "
                 f"{self.config._attn_implementation!r}; use generate() instead."
             )
+        cache.step = step
+        hidden_states = self.embeddings(input_ids, offset=step)
         for layer in self.layers:
-            hidden_states, _, _ = layer(hidden_states, cache.encoder_states, None, mask, cache)
+            hidden_states, _, _ = layer(hidden_states, cache.encoder_states, None, cache.cross_mask, cache)
         return self.final_norm(hidden_states)[:, -1]
 
     def forward(
@@ -530,8 +530,7 @@ class StaticDecodingCache:
         shape = (batch, heads, max_steps, config.d_model // heads)
         cross_shape = (batch, heads, source_len, config.d_model // heads)
         self.decoder = decoder
-        self.max_steps = max_steps
-        self.step = 0  # the slot the next `update` writes
+        self.step = 0  # the slot the next `update` writes (set by `LabelformerDecoder.decode_step`)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder.layers]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder.layers]
         self.cross_keys = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in decoder.layers]
@@ -920,8 +919,7 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
         output = [current]
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
-            cache.step = step
-            logits = self.lm_head(self.model.decoder.decode_step(current, cache)).float()  # [b, v]
+            logits = self.lm_head(self.model.decoder.decode_step(current, cache, step)).float()  # [b, v]
             if step < min_new_tokens:
                 logits[:, eos_ids] = float("-inf")
             chosen = logits.argmax(-1).masked_fill(finished, pad)

@@ -251,8 +251,7 @@ class _GreedyLabelDecoder:
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         tokens, scores = [], []
         for step in range(self.steps):
-            self.cache.step = step
-            logits = self.model.lm_head(self.model.model.decoder.decode_step(current, self.cache))  # [b, v]
+            logits = self.model.lm_head(self.model.model.decoder.decode_step(current, self.cache, step))  # [b, v]
             allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
             probs = logits.float().masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, v]
             best = probs.argmax(-1)

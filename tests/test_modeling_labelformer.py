@@ -250,12 +250,11 @@ def test_static_decoding_cache_steps_match_the_full_decoder(backend):
         for _ in range(2):  # the cache is reusable: a second pass over the same buffers gives the same
             cache.set_encoder_states(encoder_states, mask)
             for t in range(6):
-                cache.step = t
-                step = model.lm_head(model.model.decoder.decode_step(targets[:, t : t + 1], cache))
+                step = model.lm_head(model.model.decoder.decode_step(targets[:, t : t + 1], cache, t))
                 torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=1e-5)
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="eager' and 'sdpa"):
-        model.model.decoder.decode_step(targets[:, :1], cache)
+        model.model.decoder.decode_step(targets[:, :1], cache, 0)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
