@@ -149,7 +149,7 @@ def load_data(args: argparse.Namespace):
         label_column=args.label_column,
         label_delimiter=args.label_delimiter,
         validation_fraction=args.validation_fraction,
-        seed=args.seed,
+        seed=args.seed if args.split_seed is None else args.split_seed,
         max_train_samples=args.max_train_samples,
     )
 
@@ -691,6 +691,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--label_column", default="labels")
     g.add_argument("--label_delimiter", help="Split string labels on this (e.g. ';').")
     g.add_argument("--validation_fraction", type=float, default=0.1)
+    g.add_argument(
+        "--split_seed", type=int,
+        help="Seed of the validation split (default: --seed). Fix it to train several seeds on one split (ensembles).",
+    )  # fmt: skip
     g.add_argument("--allow_empty_labels", action="store_true", help="Allow rows with no label (min_labels=0).")
     g.add_argument("--max_train_samples", type=int)
     g = p.add_argument_group("model")

@@ -16,6 +16,7 @@ from .data_labelformer import (
     load_multilabel_dataset,
     split_unknown_labels,
 )
+from .ensemble_labelformer import LabelformerEnsemble
 from .modeling_labelformer import (
     LabelformerForConditionalGeneration,
     LabelformerModel,
@@ -58,6 +59,7 @@ __all__ = [
     "METRIC_PATH",
     "LabelSetLogitsProcessor",
     "LabelformerConfig",
+    "LabelformerEnsemble",
     "LabelformerForConditionalGeneration",
     "LabelformerForMultiLabelClassification",
     "LabelformerForMultiLabelGeneration",

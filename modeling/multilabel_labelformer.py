@@ -224,26 +224,28 @@ def _check_label_vocabulary(config: LabelformerConfig) -> None:
 
 
 class _GreedyLabelDecoder:
-    """Constrained greedy label decoding on a `StaticDecodingCache`, for one batch shape.
+    """Constrained greedy label decoding on static decoding caches, for one batch shape.
 
     Each step runs `LabelformerDecoder.decode_step` + ``lm_head`` and applies the label-set rules
-    as running state (``used`` labels, label ``count``, rows ``done``). Eagerly it stops once
-    every row has emitted EOS. With ``cuda_graph`` the whole loop (all ``steps`` steps and the
-    rules) is captured once as one CUDA graph and later calls replay it: one launch per batch
-    instead of hundreds of small kernels, and no host synchronisation between steps.
+    as running state (``used`` labels, label ``count``, rows ``done``). With several ``models``
+    (an ensemble sharing one label vocabulary) each step's distribution is the mean of theirs.
+    Eagerly it stops once every row has emitted EOS. With ``cuda_graph`` the whole loop (all
+    ``steps`` steps and the rules) is captured once as one CUDA graph and later calls replay it:
+    one launch per batch instead of hundreds of small kernels, and no host synchronisation
+    between steps.
     """
 
-    def __init__(self, model: Any, batch: int, source_len: int, steps: int, device: torch.device,
+    def __init__(self, models: Sequence[Any], batch: int, source_len: int, steps: int, device: torch.device,
                  dtype: torch.dtype, cuda_graph: bool) -> None:  # fmt: skip
-        self.model = weakref.proxy(model)  # the registry holds decoders per model: no cycle
-        self.cache = StaticDecodingCache(model.model.decoder, batch, source_len, steps, device, dtype)
+        self.models = [weakref.proxy(m) for m in models]  # the registry holds decoders per model: no cycle
+        self.caches = [StaticDecodingCache(m.model.decoder, batch, source_len, steps, device, dtype) for m in models]
         self.batch, self.steps, self.device = batch, steps, device
         self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _decode(self, early_exit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.model.config
+        config = self.models[0].config
         batch, device = self.batch, self.device
         current = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long, device=device)
         used = torch.zeros(batch, config.decoder_vocab_size, dtype=torch.bool, device=device)
@@ -251,9 +253,16 @@ class _GreedyLabelDecoder:
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         tokens, scores = [], []
         for step in range(self.steps):
-            logits = self.model.lm_head(self.model.model.decoder.decode_step(current, self.cache, step))  # [b, v]
             allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
-            probs = logits.float().masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, v]
+            probs = sum(
+                model.lm_head(model.model.decoder.decode_step(current, cache, step))  # [b, v]
+                .float()
+                .masked_fill(~allowed, float("-inf"))
+                .softmax(-1)
+                for model, cache in zip(self.models, self.caches)
+            )
+            if len(self.models) > 1:
+                probs = probs / len(self.models)
             best = probs.argmax(-1)
             score = probs.gather(-1, best[:, None]).squeeze(-1)
             best = best.masked_fill(done, config.pad_token_id)
@@ -268,9 +277,10 @@ class _GreedyLabelDecoder:
             current = best[:, None]
         return torch.stack(tokens, 1), torch.stack(scores, 1)
 
-    def __call__(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor | None):
-        """``[b, s, d]`` encoder states -> ``[b, t]`` tokens and ``[b, t]`` probabilities."""
-        self.cache.set_encoder_states(encoder_states, attention_mask)
+    def __call__(self, encoder_states: Sequence[torch.Tensor], attention_mask: torch.Tensor | None):
+        """One ``[b, s, d]`` encoder output per model -> ``[b, t]`` tokens and ``[b, t]`` probabilities."""
+        for cache, states in zip(self.caches, encoder_states, strict=True):
+            cache.set_encoder_states(states, attention_mask)
         if not self.cuda_graph:
             return self._decode(early_exit=True)
         if self.graph is None:
@@ -434,7 +444,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         """
         encoder_states = self.model.encoder(input_ids, attention_mask).last_hidden_state
         decoder = self._greedy_decoder(encoder_states, self.config.effective_max_labels + 1)
-        return decoder(encoder_states, attention_mask)
+        return decoder([encoder_states], attention_mask)
 
     def _greedy_decoder(self, encoder_states: torch.Tensor, steps: int) -> _GreedyLabelDecoder:
         """A decoder for this batch shape: reused (with its CUDA graph) while shapes and weights stay."""
@@ -446,8 +456,8 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         )
         batch, source_len = encoder_states.shape[:2]
         if not use_graphs:
-            return _GreedyLabelDecoder(self, batch, source_len, steps, encoder_states.device, encoder_states.dtype,
-                                       False)  # fmt: skip
+            return _GreedyLabelDecoder([self], batch, source_len, steps, encoder_states.device,
+                                       encoder_states.dtype, False)  # fmt: skip
         weights = (self.lm_head.weight.data_ptr(), self.model.decoder.layers[0].self_attn.q_proj.weight.data_ptr())
         key = (batch, source_len, steps, self.config.min_labels, encoder_states.device, encoder_states.dtype,
                self.config._attn_implementation, weights)  # fmt: skip
@@ -455,7 +465,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         if key not in decoders:
             if len(decoders) >= 8:  # a few shapes at most; graphs hold their own memory pools
                 decoders.pop(next(iter(decoders)))
-            decoders[key] = _GreedyLabelDecoder(self, batch, source_len, steps, encoder_states.device,
+            decoders[key] = _GreedyLabelDecoder([self], batch, source_len, steps, encoder_states.device,
                                                 encoder_states.dtype, True)  # fmt: skip
         return decoders[key]
 
@@ -595,12 +605,16 @@ class LabelformerForMultiLabelClassification(MultiLabelPredictionMixin, Labelfor
     ) -> list[dict[str, float]]:
         """Threshold decisions for a tokenized batch ``[b, s]``; scores are sigmoid probabilities."""
         probs = torch.sigmoid(self(input_ids=input_ids, attention_mask=attention_mask).logits.float())
-        chosen = self.decide(probs)
-        results = []
-        for row_probs, row_chosen in zip(probs.tolist(), chosen.tolist()):
-            picked = [(p, i) for i, (p, c) in enumerate(zip(row_probs, row_chosen)) if c]
-            results.append({self.config.id2label[i]: p for p, i in sorted(picked, reverse=True)})
-        return results
+        return chosen_label_dicts(probs, self.decide(probs), self.config.id2label)
+
+
+def chosen_label_dicts(probs: torch.Tensor, chosen: torch.Tensor, id2label: dict[int, str]) -> list[dict[str, float]]:
+    """Probabilities ``[n, L]`` and decisions ``[n, L]`` -> per row ``{label: probability}``, most probable first."""
+    results = []
+    for row_probs, row_chosen in zip(probs.tolist(), chosen.tolist()):
+        picked = [(p, i) for i, (p, c) in enumerate(zip(row_probs, row_chosen)) if c]
+        results.append({id2label[i]: p for p, i in sorted(picked, reverse=True)})
+    return results
 
 
 __all__ = [

@@ -1,0 +1,228 @@
+"""Ensembles of trained multi-label Labelformer models (seed averaging).
+
+Several models of one head, trained on the same label set and tokenizer with different seeds,
+predict as one:
+
+- label-sequence generation heads decode greedily together: at every step the constrained label
+  distributions of the members are averaged, and the label-set rules apply to the average;
+- threshold heads average their sigmoid probabilities and apply one threshold (by default the
+  mean of the members' tuned thresholds; `tune_threshold` re-tunes it on validation data).
+
+    ensemble = LabelformerEnsemble.from_pretrained(["runs/seed1", "runs/seed2"])
+    ensemble.predict_labels(["Shares of ... rose ..."])
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS
+from .multilabel_labelformer import (
+    LabelformerForMultiLabelClassification,
+    LabelformerForMultiLabelGeneration,
+    MultiLabelPredictionMixin,
+    _GreedyLabelDecoder,
+    chosen_label_dicts,
+    micro_f1_of,
+    threshold_decisions,
+)
+
+_HEADS = (LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification)
+
+
+class LabelformerEnsemble(MultiLabelPredictionMixin, nn.Module):
+    """Models of one multi-label head that predict together; `predict_labels` as on a single model.
+
+    Args:
+        models: trained `LabelformerForMultiLabelGeneration` or `LabelformerForMultiLabelClassification`
+            models (all of the same head) with the same labels in the same order and the same
+            tokenizer vocabulary size. The first member's tokenizer is used for all.
+
+    Raises:
+        ValueError: no models, mixed or unsupported heads, or members whose labels, label
+            limits or vocabulary sizes differ (the message names the first mismatch).
+    """
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        models = list(models)
+        if not models:
+            raise ValueError("LabelformerEnsemble needs at least one model.")
+        head = type(models[0])
+        if head not in _HEADS:
+            raise ValueError(
+                f"LabelformerEnsemble supports {', '.join(h.__name__ for h in _HEADS)}; got {head.__name__}."
+            )
+        first = models[0].config
+        for i, model in enumerate(models[1:], start=1):
+            if type(model) is not head:
+                raise ValueError(f"Member {i} is a {type(model).__name__} but member 0 is a {head.__name__}.")
+            for key in ("id2label", "vocab_size", "min_labels", "effective_max_labels"):
+                if getattr(model.config, key) != getattr(first, key):
+                    raise ValueError(
+                        f"Member {i} differs from member 0 in `{key}`: ensemble members must be trained on the "
+                        "same label set with the same tokenizer and label limits."
+                    )
+        self.members = nn.ModuleList(models)
+        self.is_generation = head is LabelformerForMultiLabelGeneration
+        #: Member 0's config; for threshold heads ``classifier_threshold`` is the members' mean.
+        self.config = copy.deepcopy(first)
+        if not self.is_generation:
+            self.config.classifier_threshold = sum(m.config.classifier_threshold for m in models) / len(models)
+        self.name_or_path = getattr(models[0], "name_or_path", "")
+
+    @classmethod
+    def from_pretrained(cls, folders: Sequence[str | os.PathLike], **kwargs: Any) -> LabelformerEnsemble:
+        """Load each saved model folder (its head from ``config.architectures``) and check they share a tokenizer.
+
+        ``kwargs`` go to every member's ``from_pretrained`` (e.g. ``dtype``, ``device_map``).
+        """
+        from transformers import AutoConfig, PreTrainedTokenizerFast
+
+        models, vocabularies = [], []
+        for folder in folders:
+            architectures = AutoConfig.from_pretrained(folder).architectures or []
+            head = next((h for h in _HEADS if h.__name__ in architectures), None)
+            if head is None:
+                raise ValueError(
+                    f"{folder} holds a {architectures or 'model of unknown class'}; LabelformerEnsemble needs "
+                    f"{' or '.join(h.__name__ for h in _HEADS)} folders."
+                )
+            models.append(head.from_pretrained(folder, **kwargs))
+            if (Path(folder) / "tokenizer.json").is_file():
+                vocabularies.append((folder, PreTrainedTokenizerFast.from_pretrained(folder).get_vocab()))
+        for folder, vocabulary in vocabularies[1:]:
+            if vocabulary != vocabularies[0][1]:
+                raise ValueError(
+                    f"The tokenizer in {folder} differs from the one in {vocabularies[0][0]}: ensemble members must "
+                    "be trained with the same tokenizer (train_multilabel.py --tokenizer_name_or_path)."
+                )
+        return cls(models)
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def label_probabilities(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Threshold heads: the members' mean sigmoid probabilities ``[b, num_labels]`` for ids ``[b, s]``."""
+        if self.is_generation:
+            raise TypeError("label_probabilities is for ensembles of threshold heads.")
+        return sum(
+            torch.sigmoid(m(input_ids=input_ids, attention_mask=attention_mask).logits.float()) for m in self.members
+        ) / len(self.members)
+
+    def tune_threshold(
+        self, probs: torch.Tensor, targets: torch.Tensor, grid: Sequence[float] | None = None
+    ) -> tuple[float, float]:
+        """Threshold heads: pick the threshold with the best micro-F1 on validation ``probs``/``targets`` ``[n, L]``.
+
+        Stores it in ``config.classifier_threshold`` and returns ``(threshold, micro_f1)``.
+        """
+        grid = grid if grid is not None else [round(0.05 * i, 2) for i in range(1, 20)]
+        limits = (self.config.min_labels, self.config.effective_max_labels)
+        best = max(grid, key=lambda t: (micro_f1_of(threshold_decisions(probs, t, *limits), targets), -abs(t - 0.5)))
+        self.config.classifier_threshold = float(best)
+        return float(best), micro_f1_of(threshold_decisions(probs, best, *limits), targets)
+
+    @torch.no_grad()
+    def predict_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
+    ) -> list[dict[str, float]]:
+        """Label sets for a tokenized batch ``[b, s]`` with averaged scores.
+
+        Generation heads: ``num_beams`` 1 decodes greedily on the averaged distributions; more beams
+        pool the greedy result with every member's ``num_beams`` beam-search hypotheses and keep,
+        per row, the candidate the ensemble gives the highest sequence probability (the product
+        over steps of the members' mean constrained probabilities, EOS included).
+        """
+        if num_beams < 1:
+            raise ValueError(f"`num_beams` must be >= 1, got {num_beams}.")
+        if not self.is_generation:
+            probs = self.label_probabilities(input_ids, attention_mask)
+            limits = (self.config.min_labels, self.config.effective_max_labels)
+            chosen = threshold_decisions(probs, self.config.classifier_threshold, *limits)
+            return chosen_label_dicts(probs, chosen, self.config.id2label)
+        states = [m.model.encoder(input_ids, attention_mask).last_hidden_state for m in self.members]
+        batch, source_len = input_ids.shape
+        decoder = _GreedyLabelDecoder(list(self.members), batch, source_len, self.config.effective_max_labels + 1,
+                                      states[0].device, states[0].dtype, cuda_graph=False)  # fmt: skip
+        tokens, scores = decoder(states, attention_mask)
+        if num_beams > 1:
+            tokens, scores = self._rerank(tokens, states, attention_mask, num_beams)
+        return self.members[0]._label_dicts(tokens, scores)
+
+    def sequence_scores(
+        self, sequences: torch.Tensor, states: Sequence[torch.Tensor], attention_mask: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ensemble's view of candidate label sequences.
+
+        Args:
+            sequences: ``[n, t]`` labels then EOS (then padding), without the start token.
+            states: each member's encoder output ``[b, s, d]``.
+            attention_mask: ``[b, s]``.
+            rows: ``[n]`` the batch row each candidate belongs to.
+
+        Returns:
+            ``[n]`` log-probability of each sequence up to and including its EOS, and ``[n, t]``
+            the mean step probabilities.
+        """
+        start = torch.full_like(sequences[:, :1], self.config.decoder_start_token_id)
+        with_start = torch.cat([start, sequences], dim=1)
+        step_probs = sum(
+            m.label_scores(with_start, BaseModelOutput(last_hidden_state=h[rows]), attention_mask[rows])
+            for m, h in zip(self.members, states)
+        ) / len(self.members)  # fmt: skip
+        ended_before = (sequences < NUM_SPECIAL_DECODER_TOKENS).long().cumsum(1) - (
+            sequences < NUM_SPECIAL_DECODER_TOKENS
+        ).long()  # [n, t]: EOS seen before this position
+        scored = ended_before == 0
+        log_probs = torch.where(scored, step_probs.clamp(min=1e-30).log(), torch.zeros_like(step_probs))
+        return log_probs.sum(1), step_probs.masked_fill(~scored, 0.0)
+
+    def _rerank(
+        self, greedy: torch.Tensor, states: Sequence[torch.Tensor], attention_mask: torch.Tensor, num_beams: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best of {ensemble greedy} + {each member's beams} per row: ``[b, t]`` tokens and step probabilities."""
+        pad, batch = self.config.pad_token_id, greedy.shape[0]
+        candidates: list[set[tuple[int, ...]]] = [set() for _ in range(batch)]
+
+        def add(row: int, tokens: list[int]) -> None:
+            end = next((i for i, t in enumerate(tokens) if t < NUM_SPECIAL_DECODER_TOKENS), len(tokens))
+            candidates[row].add((*tokens[:end], EOS_TOKEN_ID))
+
+        for row, tokens in enumerate(greedy.tolist()):
+            add(row, tokens)
+        for member, h in zip(self.members, states):
+            beams = member.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=h), attention_mask=attention_mask,
+                num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
+            )  # fmt: skip
+            for i, tokens in enumerate(beams[:, 1:].tolist()):
+                add(i // num_beams, tokens)
+        flat = [(row, c) for row in range(batch) for c in sorted(candidates[row])]
+        width = max(len(c) for _, c in flat)
+        sequences = torch.full((len(flat), width), pad, dtype=torch.long, device=greedy.device)
+        for i, (_, c) in enumerate(flat):
+            sequences[i, : len(c)] = torch.tensor(c)
+        rows = torch.tensor([row for row, _ in flat], device=greedy.device)
+        totals, step_probs = self.sequence_scores(sequences, states, attention_mask, rows)
+        best: dict[int, int] = {}
+        for i, (row, _) in enumerate(flat):
+            if row not in best or totals[i] > totals[best[row]]:
+                best[row] = i
+        best = [best[row] for row in range(batch)]
+        return sequences[best], step_probs[best]
+
+
+__all__ = ["LabelformerEnsemble"]
