@@ -3,7 +3,8 @@
 
 ########################################################################
 # One command trains and evaluates, on the same split of the embedded data set:
-#   - seq2seq:    the label-sequence generation head (test with greedy and beam search);
+#   - seq2seq:    the label-sequence generation head, trained with --seq2seq_seeds seeds (default 2)
+#                 that decode together as a LabelformerEnsemble (test with greedy and beam search);
 #   - threshold:  the sigmoid threshold head on the same backbone and recipe;
 #   - svm:        tf-idf + LinearSVC, one-vs-rest (needs scikit-learn: pip install ".[svm]");
 #   - parallel:   the parallel (one-pass) label decoder, with --systems ... parallel.
@@ -14,7 +15,8 @@
 #
 # Writes DIR/results.json ({"seq2seq_greedy": {...}, "seq2seq_beam": {...}, "threshold": {...},
 # "svm": {...}}, each with micro_f1, macro_f1, example_f1, subset_accuracy, hamming_loss),
-# DIR/run_info.json (times, machine, settings) and the models in DIR/seq2seq and DIR/threshold.
+# DIR/run_info.json (times, machine, settings, each seq2seq member's own test scores) and the
+# models in DIR/seq2seq (seed 42; more members in DIR/seq2seq_seed43, ...) and DIR/threshold.
 # On 2 CPU cores it finishes within an hour; on one GPU in a few minutes.
 ########################################################################
 """
@@ -37,8 +39,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from modeling import build_label_vocabulary, load_multilabel_dataset, train_tokenizer  # noqa: E402
-from modeling.evaluation_labelformer import METRIC_KEYS, evaluate_predictions, write_json  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from modeling import (  # noqa: E402
+    LabelformerEnsemble,
+    build_label_vocabulary,
+    load_multilabel_dataset,
+    train_tokenizer,
+)
+from modeling.evaluation_labelformer import METRIC_KEYS, evaluate_predictions, predict_texts, write_json  # noqa: E402
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
 logger = logging.getLogger("reproduce_reuters")
@@ -58,6 +67,9 @@ PER_SYSTEM: dict[str, dict[str, Any]] = {"seq2seq": {"dropout": 0.0}, "parallel"
 # Two-stage: the seq2seq head starts from the threshold head's encoder and needs fewer epochs.
 FROM_THRESHOLD: dict[str, Any] = {"epochs": 8, "early_stopping_patience": 3}
 SEED = 42
+# The seq2seq head is trained with this many seeds (SEED, SEED + 1, ...) on one split and decodes as
+# an ensemble; each member's own scores are reported too.
+SEQ2SEQ_SEEDS = 2
 VALIDATION_FRACTION = 0.1
 
 
@@ -97,32 +109,72 @@ def svm_baseline(data, labels: list[str], seed: int) -> tuple[dict[str, float], 
     return metrics, {"C": best_c, "validation_micro_f1_by_C": scores}
 
 
-def train_arguments(head: str, out: Path, tokenizer_dir: Path, settings: dict[str, Any]) -> list[str]:
+def train_arguments(head: str, out: Path, tokenizer_dir: Path, settings: dict[str, Any], seed: int = SEED) -> list[str]:
     """train_multilabel.py flags for one run on the shared split and tokenizer, ``settings`` as ``--key=value``."""
     return [
         str(TRAIN_SCRIPT), "--head", head, "--output_dir", str(out), "--overwrite_output_dir",
-        "--tokenizer_name_or_path", str(tokenizer_dir), "--seed", str(SEED),
+        "--tokenizer_name_or_path", str(tokenizer_dir), "--seed", str(seed), "--split_seed", str(SEED),
         "--validation_fraction", str(VALIDATION_FRACTION), "--show_examples", "0", "--report_to", "none",
         *[f"--{key}={value}" for key, value in settings.items()],
     ]  # fmt: skip
 
 
-def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path) -> dict[str, Any]:
-    """Run examples/train_multilabel.py for one head (in its own process) and read its test metrics."""
+def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path, seed: int = SEED,
+               out: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run examples/train_multilabel.py for one head and seed (in its own process) and read its test metrics."""
     two_stage = system == "seq2seq" and args.seq2seq_init == "threshold"
     settings = {**RECIPE, **PER_SYSTEM.get(system, {}), **(FROM_THRESHOLD if two_stage else {}),
                 **({"epochs": args.epochs} if args.epochs else {})}  # fmt: skip
     if two_stage:
         settings["init_encoder_from"] = Path(args.output_dir) / "threshold"
-    out = Path(args.output_dir) / system
+    out = out or Path(args.output_dir) / system
     command = [
-        *shlex.split(args.launcher), *train_arguments(HEAD_OF[system], out, tokenizer_dir, settings),
+        *shlex.split(args.launcher), *train_arguments(HEAD_OF[system], out, tokenizer_dir, settings, seed),
         *(["--cpu"] if args.cpu else []), *(["--no_progress"] if args.no_progress else []),
         *shlex.split(args.train_args),
     ]  # fmt: skip
-    logger.info("training %s: %s", system, shlex.join(command))
+    logger.info("training %s (seed %d): %s", system, seed, shlex.join(command))
     subprocess.run(command, check=True)
     return json.loads((out / "test_metrics.json").read_text())
+
+
+def evaluate_ensemble(folders: list[Path], data, labels: list[str], num_beams: int, cpu: bool) -> dict[str, Any]:
+    """Test (and validation) metrics of the seq2seq members decoding together (`LabelformerEnsemble`)."""
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    ensemble = LabelformerEnsemble.from_pretrained(folders).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folders[0])
+
+    def scores(split: str, beams: int) -> dict[str, float]:
+        predicted = predict_texts(ensemble, tokenizer, list(data[split]["text"]), num_beams=beams)
+        return evaluate_predictions(predicted, data[split]["labels"], labels)
+
+    return {
+        "validation": scores("validation", 1),
+        "greedy": scores("test", 1),
+        "beam": {"num_beams": num_beams, **scores("test", num_beams)},
+    }
+
+
+def train_seq2seq(args: argparse.Namespace, tokenizer_dir: Path, data, labels: list[str], info: dict) -> dict:
+    """Train the seq2seq members (DIR/seq2seq, DIR/seq2seq_seed<N>, ...) and score them alone and together.
+
+    Returns ``seq2seq_greedy`` / ``seq2seq_beam`` test metrics: of the ensemble when there are several
+    members, else of the one model. Each member's own test metrics go to ``info["seq2seq_members"]``.
+    """
+    folders = [Path(args.output_dir) / ("seq2seq" if i == 0 else f"seq2seq_seed{SEED + i}")
+               for i in range(args.seq2seq_seeds)]  # fmt: skip
+    members = [train_head("seq2seq", args, tokenizer_dir, SEED + i, folder) for i, folder in enumerate(folders)]
+    info["seq2seq_members"] = [{"seed": SEED + i, "folder": folder.name, **metrics}
+                               for i, (folder, metrics) in enumerate(zip(folders, members))]  # fmt: skip
+    if len(members) == 1:
+        scores = {"seq2seq_greedy": {k: members[0][k] for k in METRIC_KEYS}}
+        if "beam" in members[0]:
+            scores["seq2seq_beam"] = members[0]["beam"]
+        return scores
+    num_beams = members[0].get("beam", {}).get("num_beams", RECIPE["num_beams"])
+    ensemble = evaluate_ensemble(folders, data, labels, num_beams, args.cpu)
+    info["seq2seq_ensemble_validation"] = ensemble["validation"]
+    return {"seq2seq_greedy": ensemble["greedy"], "seq2seq_beam": ensemble["beam"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         help="'threshold' (default): train the threshold head first and start the seq2seq head from its encoder "
         "(two-stage); 'scratch': train the seq2seq head from random weights.",
     )  # fmt: skip
+    p.add_argument(
+        "--seq2seq_seeds", type=int, default=SEQ2SEQ_SEEDS,
+        help="Train the seq2seq head with this many seeds and report them as an ensemble (1 = a single model).",
+    )  # fmt: skip
     p.add_argument("--train_args", default="", help="Extra flags for train_multilabel.py (ablations), quoted.")
     p.add_argument(
         "--launcher", default=shlex.join([sys.executable]),
@@ -144,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="Train on the CPU even if a GPU is present.")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
+    if args.seq2seq_seeds < 1:
+        p.error(f"--seq2seq_seeds must be >= 1, got {args.seq2seq_seeds}.")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.max_train_samples:
         args.train_args += f" --max_train_samples {args.max_train_samples}"
@@ -155,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() and not args.cpu else ""),
         "recipe": RECIPE,
         "seed": SEED,
+        "seq2seq_seeds": args.seq2seq_seeds,
         "seconds": {},
     }
 
@@ -186,12 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         if system == "svm":
             results["svm"], info["svm"] = svm_baseline(data, labels, SEED)
         else:
-            metrics = train_head(system, args, tokenizer_dir)
             if system == "seq2seq":
-                results["seq2seq_greedy"] = {k: metrics[k] for k in METRIC_KEYS}
-                if "beam" in metrics:
-                    results["seq2seq_beam"] = metrics["beam"]
+                results.update(train_seq2seq(args, tokenizer_dir, data, labels, info))
             else:
+                metrics = train_head(system, args, tokenizer_dir)
                 results[system] = {k: metrics[k] for k in METRIC_KEYS}
         info["seconds"][system] = round(time.time() - tick, 1)
         write_json(results, out / "results.json")  # after each system, so a crash keeps what is done
@@ -200,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nReuters-21578 ApteMod test ({len(data['test'])} documents), {info['machine']}")
     print(f"{'system':16s} {'micro-F1':>9s} {'macro-F1':>9s} {'example-F1':>10s} {'subset acc':>10s} {'Hamming':>8s}")
-    for name, m in results.items():
+    rows = dict(results)
+    if len(info.get("seq2seq_members", [])) > 1:  # the ensemble's members on their own
+        rows.update({f"seq2seq seed {m['seed']}": m for m in info["seq2seq_members"]})
+    for name, m in rows.items():
         print(f"{name:16s} {m['micro_f1']:9.4f} {m['macro_f1']:9.4f} {m['example_f1']:10.4f} "
               f"{m['subset_accuracy']:10.4f} {m['hamming_loss']:8.4f}")  # fmt: skip
     print(f"\nTimes (s): {info['seconds']}\nWrote {out / 'results.json'}")

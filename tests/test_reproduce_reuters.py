@@ -33,7 +33,7 @@ def test_reproduce_reuters_writes_the_comparison(tmp_path):
         assert 0.0 <= metrics["micro_f1"] <= 1.0
     assert results["seq2seq_beam"]["num_beams"] == 2
     assert results["svm"]["micro_f1"] > 0.5  # 300 documents are plenty for tf-idf + SVM to beat chance
-    for folder in ("seq2seq", "threshold"):
+    for folder in ("seq2seq", "seq2seq_seed43", "threshold"):
         assert (out / folder / "model.safetensors").is_file() and (out / folder / "config.json").is_file()
     assert "encoder initialised from" in proc.stderr  # --seq2seq_init threshold: threshold first
     threshold_done = (out / "threshold" / "model.safetensors").stat().st_mtime
@@ -41,3 +41,9 @@ def test_reproduce_reuters_writes_the_comparison(tmp_path):
     info = json.loads((out / "run_info.json").read_text())
     assert {"tokenizer", "threshold", "seq2seq", "svm", "total"} <= set(info["seconds"])
     assert "seq2seq_beam" in proc.stdout and "Times (s)" in proc.stdout
+    # two seq2seq seeds on one split: each member's own scores, the ensemble in results.json
+    members = info["seq2seq_members"]
+    assert [m["seed"] for m in members] == [42, 43] and "seq2seq seed 43" in proc.stdout
+    for folder in ("seq2seq", "seq2seq_seed43"):
+        assert json.loads((out / folder / "training_args.json").read_text())["split_seed"] == 42
+    assert 0.0 <= info["seq2seq_ensemble_validation"]["micro_f1"] <= 1.0
