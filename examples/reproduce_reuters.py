@@ -61,11 +61,12 @@ HEAD_OF = {"seq2seq": "generation", "threshold": "threshold", "parallel": "paral
 RECIPE: dict[str, Any] = dict(
     vocab_size=16000, max_length=128, d_model=256, encoder_layers=2, decoder_layers=1, attention_heads=4,
     ffn_dim=1024, dropout=0.1, norm_position="pre", batch_size=32, learning_rate=1e-3, warmup_ratio=0.05,
-    epochs=12, early_stopping_patience=4, ema_decay=0.999, label_order="frequency", num_beams=3,
+    epochs=10, early_stopping_patience=4, ema_decay=0.999, label_order="frequency", num_beams=3,
+    group_by_length=False,
 )  # fmt: skip
 PER_SYSTEM: dict[str, dict[str, Any]] = {"seq2seq": {"dropout": 0.0}, "parallel": {"dropout": 0.0}}
 # Two-stage: the seq2seq head starts from the threshold head's encoder and needs fewer epochs.
-FROM_THRESHOLD: dict[str, Any] = {"epochs": 8, "early_stopping_patience": 3}
+FROM_THRESHOLD: dict[str, Any] = {"epochs": 6, "early_stopping_patience": 3}
 SEED = 42
 # The seq2seq head is trained with this many seeds (SEED, SEED + 1, ...) on one split and decodes as
 # an ensemble; each member's own scores are reported too.
@@ -110,12 +111,16 @@ def svm_baseline(data, labels: list[str], seed: int) -> tuple[dict[str, float], 
 
 
 def train_arguments(head: str, out: Path, tokenizer_dir: Path, settings: dict[str, Any], seed: int = SEED) -> list[str]:
-    """train_multilabel.py flags for one run on the shared split and tokenizer, ``settings`` as ``--key=value``."""
+    """train_multilabel.py flags for one run on the shared split and tokenizer.
+
+    ``settings`` become ``--key=value``; booleans become ``--key`` / ``--no-key``.
+    """
     return [
         str(TRAIN_SCRIPT), "--head", head, "--output_dir", str(out), "--overwrite_output_dir",
         "--tokenizer_name_or_path", str(tokenizer_dir), "--seed", str(seed), "--split_seed", str(SEED),
         "--validation_fraction", str(VALIDATION_FRACTION), "--show_examples", "0", "--report_to", "none",
-        *[f"--{key}={value}" for key, value in settings.items()],
+        *[(f"--{key}" if value else f"--no-{key}") if isinstance(value, bool) else f"--{key}={value}"
+          for key, value in settings.items()],
     ]  # fmt: skip
 
 

@@ -81,8 +81,9 @@ def final_checkpoint(out: Path) -> Path:
     return max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, tokenizer_dir):
-    common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "2",
+@pytest.mark.parametrize("batching", ["--no-group_by_length", "--group_by_length"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, tokenizer_dir, batching):
+    common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "2", batching,
               "--save_every_steps", "5", "--label_order", "random",
               "--scheduled_sampling", "0.3", "--save_total_limit", "10", "--ema_decay", "0.9"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
