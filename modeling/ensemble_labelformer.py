@@ -30,8 +30,8 @@ from .multilabel_labelformer import (
     LabelformerForMultiLabelGeneration,
     MultiLabelPredictionMixin,
     _GreedyLabelDecoder,
+    best_threshold,
     chosen_label_dicts,
-    micro_f1_of,
     threshold_decisions,
 )
 
@@ -129,11 +129,9 @@ class LabelformerEnsemble(MultiLabelPredictionMixin, nn.Module):
 
         Stores it in ``config.classifier_threshold`` and returns ``(threshold, micro_f1)``.
         """
-        grid = grid if grid is not None else [round(0.05 * i, 2) for i in range(1, 20)]
-        limits = (self.config.min_labels, self.config.effective_max_labels)
-        best = max(grid, key=lambda t: (micro_f1_of(threshold_decisions(probs, t, *limits), targets), -abs(t - 0.5)))
-        self.config.classifier_threshold = float(best)
-        return float(best), micro_f1_of(threshold_decisions(probs, best, *limits), targets)
+        best, f1 = best_threshold(probs, targets, self.config.min_labels, self.config.effective_max_labels, grid)
+        self.config.classifier_threshold = best
+        return best, f1
 
     @torch.no_grad()
     def predict_batch(

@@ -524,6 +524,20 @@ def micro_f1_of(chosen: torch.Tensor, targets: torch.Tensor) -> float:
     return 2 * true_positive / denominator if denominator else 1.0
 
 
+def best_threshold(
+    probs: torch.Tensor, targets: torch.Tensor, min_labels: int, max_labels: int, grid: Sequence[float] | None = None
+) -> tuple[float, float]:
+    """The threshold of ``grid`` (default 0.05..0.95) with the best micro-F1 of `threshold_decisions`
+    on ``probs``/``targets`` ``[n, L]`` (ties: the one nearest 0.5), and that micro-F1."""
+    grid = grid if grid is not None else [round(0.05 * i, 2) for i in range(1, 20)]
+
+    def f1(t: float) -> float:
+        return micro_f1_of(threshold_decisions(probs, t, min_labels, max_labels), targets)
+
+    best = max(grid, key=lambda t: (f1(t), -abs(t - 0.5)))
+    return float(best), f1(best)
+
+
 class LabelformerForMultiLabelClassification(MultiLabelPredictionMixin, LabelformerPreTrainedModel):
     """Binary relevance: pooled encoder -> one sigmoid per label, trained with BCE.
 
@@ -595,10 +609,9 @@ class LabelformerForMultiLabelClassification(MultiLabelPredictionMixin, Labelfor
 
         Stores it in ``config.classifier_threshold`` and returns ``(threshold, micro_f1)``.
         """
-        grid = grid if grid is not None else [round(0.05 * i, 2) for i in range(1, 20)]
-        best = max(grid, key=lambda t: (micro_f1_of(self.decide(probs, t), targets), -abs(t - 0.5)))
-        self.config.classifier_threshold = float(best)
-        return float(best), micro_f1_of(self.decide(probs, best), targets)
+        best, f1 = best_threshold(probs, targets, self.config.min_labels, self.config.effective_max_labels, grid)
+        self.config.classifier_threshold = best
+        return best, f1
 
     def predict_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
