@@ -29,16 +29,15 @@ from .multilabel_labelformer import (
     LabelformerForMultiLabelClassification,
     LabelformerForMultiLabelGeneration,
     MultiLabelPredictionMixin,
+    ThresholdDecisionMixin,
     _GreedyLabelDecoder,
-    best_threshold,
     chosen_label_dicts,
-    threshold_decisions,
 )
 
 _HEADS = (LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification)
 
 
-class LabelformerEnsemble(MultiLabelPredictionMixin, nn.Module):
+class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.Module):
     """Models of one multi-label head that predict together; `predict_labels` as on a single model.
 
     Args:
@@ -122,17 +121,6 @@ class LabelformerEnsemble(MultiLabelPredictionMixin, nn.Module):
             torch.sigmoid(m(input_ids=input_ids, attention_mask=attention_mask).logits.float()) for m in self.members
         ) / len(self.members)
 
-    def tune_threshold(
-        self, probs: torch.Tensor, targets: torch.Tensor, grid: Sequence[float] | None = None
-    ) -> tuple[float, float]:
-        """Threshold heads: pick the threshold with the best micro-F1 on validation ``probs``/``targets`` ``[n, L]``.
-
-        Stores it in ``config.classifier_threshold`` and returns ``(threshold, micro_f1)``.
-        """
-        best, f1 = best_threshold(probs, targets, self.config.min_labels, self.config.effective_max_labels, grid)
-        self.config.classifier_threshold = best
-        return best, f1
-
     @torch.no_grad()
     def predict_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
@@ -148,9 +136,7 @@ class LabelformerEnsemble(MultiLabelPredictionMixin, nn.Module):
             raise ValueError(f"`num_beams` must be >= 1, got {num_beams}.")
         if not self.is_generation:
             probs = self.label_probabilities(input_ids, attention_mask)
-            limits = (self.config.min_labels, self.config.effective_max_labels)
-            chosen = threshold_decisions(probs, self.config.classifier_threshold, *limits)
-            return chosen_label_dicts(probs, chosen, self.config.id2label)
+            return chosen_label_dicts(probs, self.decide(probs), self.config.id2label)
         states = [m.model.encoder(input_ids, attention_mask).last_hidden_state for m in self.members]
         batch, source_len = input_ids.shape
         decoder = _GreedyLabelDecoder(list(self.members), batch, source_len, self.config.effective_max_labels + 1,
@@ -181,10 +167,8 @@ class LabelformerEnsemble(MultiLabelPredictionMixin, nn.Module):
             m.label_scores(with_start, BaseModelOutput(last_hidden_state=h[rows]), attention_mask[rows])
             for m, h in zip(self.members, states)
         ) / len(self.members)  # fmt: skip
-        ended_before = (sequences < NUM_SPECIAL_DECODER_TOKENS).long().cumsum(1) - (
-            sequences < NUM_SPECIAL_DECODER_TOKENS
-        ).long()  # [n, t]: EOS seen before this position
-        scored = ended_before == 0
+        is_end = (sequences < NUM_SPECIAL_DECODER_TOKENS).long()  # [n, t]: EOS or padding
+        scored = is_end.cumsum(1) - is_end == 0  # [n, t]: no EOS before this position
         log_probs = torch.where(scored, step_probs.clamp(min=1e-30).log(), torch.zeros_like(step_probs))
         return log_probs.sum(1), step_probs.masked_fill(~scored, 0.0)
 

@@ -538,7 +538,31 @@ def best_threshold(
     return float(best), f1(best)
 
 
-class LabelformerForMultiLabelClassification(MultiLabelPredictionMixin, LabelformerPreTrainedModel):
+class ThresholdDecisionMixin:
+    """`decide` and `tune_threshold` over ``config.classifier_threshold`` and the config's label limits."""
+
+    config: LabelformerConfig
+
+    def decide(self, probs: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """Boolean ``[n, L]`` decisions for probabilities ``[n, L]`` under this config's rules."""
+        threshold = self.config.classifier_threshold if threshold is None else threshold
+        return threshold_decisions(probs, threshold, self.config.min_labels, self.config.effective_max_labels)
+
+    def tune_threshold(
+        self, probs: torch.Tensor, targets: torch.Tensor, grid: Sequence[float] | None = None
+    ) -> tuple[float, float]:
+        """Pick the threshold with the best micro-F1 on validation ``probs``/``targets`` (``[n, L]``).
+
+        Stores it in ``config.classifier_threshold`` and returns ``(threshold, micro_f1)``.
+        """
+        best, f1 = best_threshold(probs, targets, self.config.min_labels, self.config.effective_max_labels, grid)
+        self.config.classifier_threshold = best
+        return best, f1
+
+
+class LabelformerForMultiLabelClassification(
+    ThresholdDecisionMixin, MultiLabelPredictionMixin, LabelformerPreTrainedModel
+):
     """Binary relevance: pooled encoder -> one sigmoid per label, trained with BCE.
 
     ``labels`` is a ``[b, num_labels]`` 0/1 matrix. A label is predicted when its probability
@@ -597,22 +621,6 @@ class LabelformerForMultiLabelClassification(MultiLabelPredictionMixin, Labelfor
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
         )
 
-    def decide(self, probs: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
-        """Boolean ``[n, L]`` decisions for probabilities ``[n, L]`` under this config's rules."""
-        threshold = self.config.classifier_threshold if threshold is None else threshold
-        return threshold_decisions(probs, threshold, self.config.min_labels, self.config.effective_max_labels)
-
-    def tune_threshold(
-        self, probs: torch.Tensor, targets: torch.Tensor, grid: Sequence[float] | None = None
-    ) -> tuple[float, float]:
-        """Pick the threshold with the best micro-F1 on validation ``probs``/``targets`` (``[n, L]``).
-
-        Stores it in ``config.classifier_threshold`` and returns ``(threshold, micro_f1)``.
-        """
-        best, f1 = best_threshold(probs, targets, self.config.min_labels, self.config.effective_max_labels, grid)
-        self.config.classifier_threshold = best
-        return best, f1
-
     def predict_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
     ) -> list[dict[str, float]]:
@@ -635,6 +643,7 @@ __all__ = [
     "LabelformerForMultiLabelClassification",
     "LabelformerForMultiLabelGeneration",
     "MultiLabelPredictionMixin",
+    "ThresholdDecisionMixin",
     "allowed_label_tokens",
     "check_texts",
     "threshold_decisions",
