@@ -224,13 +224,26 @@ def init_encoder_from(model: torch.nn.Module, folder: str) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, LayerNorms and embeddings."""
-    decay, no_decay = [], []
+    """AdamW; no weight decay on biases, LayerNorms and embeddings.
+
+    ``--encoder_lr_scale`` multiplies the learning rate of the encoder (and the token embeddings it
+    holds), e.g. 0.1 to fine-tune a pretrained encoder gently under a fresh decoder.
+    """
+    encoder_ids = {id(param) for param in model.get_encoder().parameters()}
+    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "embed" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (param.ndim < 2 or "embed" in name)
+        buckets.setdefault((decay, id(param) in encoder_ids), []).append(param)
+    groups = [
+        {
+            "params": params,
+            "weight_decay": args.weight_decay if decay else 0.0,
+            "lr": args.learning_rate * (args.encoder_lr_scale if in_encoder else 1.0),
+        }
+        for (decay, in_encoder), params in sorted(buckets.items(), key=lambda item: item[0], reverse=True)
+    ]
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.98), fused=device.type == "cuda")
 
 
@@ -582,6 +595,9 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             break
     bar.close()
     results = finish(accelerator, args, data, labels, state, best_dir)
+    # every process reaches the teardown together: a process that destroys its process group while
+    # another is still saving can leave the late one stuck in gloo's teardown (seen rarely on CPU)
+    accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and the process group: nothing distributed after this
     return results
 
@@ -728,6 +744,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--warmup_ratio", type=float)
     g.add_argument("--lr_scheduler", default="linear", choices=["linear", "cosine", "constant_with_warmup"])
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--encoder_lr_scale", type=float, default=1.0, help="Encoder lr = this x --learning_rate.")
     g.add_argument("--early_stopping_patience", type=int)
     g.add_argument("--ema_decay", type=float, help="Evaluate and keep an EMA of the weights (e.g. 0.999); 0 = off.")
     g.add_argument(
@@ -753,6 +770,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in settings.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.encoder_lr_scale <= 0:
+        p.error(f"--encoder_lr_scale must be > 0 (got {args.encoder_lr_scale}); 1 trains all weights at one rate.")
     return args
 
 

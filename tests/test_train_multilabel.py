@@ -155,6 +155,7 @@ def test_bad_input_gives_clear_errors(tmp_path, data_files):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "a", "labels": 5}) + "\n")
     cases.append((["--train_file", str(bad)], "labels must be a list of strings or a string"))
+    cases.append((["--encoder_lr_scale", "0"], "--encoder_lr_scale must be > 0"))
     for extra, message in cases:
         proc = run([*TINY, *extra, "--output_dir", out, "--overwrite_output_dir"], check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
@@ -218,3 +219,32 @@ def test_init_encoder_from_a_threshold_run(tmp_path, data_files, tokenizer_dir):
     proc = run([*common, "--output_dir", str(tmp_path / "bad"), "--init_encoder_from", str(tmp_path / "threshold"),
                 "--d_model", "48", "--attention_heads", "4"], check=False)  # fmt: skip
     assert proc.returncode == 2 and "does not fit this model" in proc.stderr
+
+
+@pytest.mark.parametrize("head", ["generation", "threshold"])
+def test_encoder_lr_scale_gives_the_encoder_its_own_learning_rate(head):
+    import argparse
+    import importlib.util
+
+    from modeling import LabelformerForMultiLabelClassification, LabelformerForMultiLabelGeneration
+
+    from .synthetic import synthetic_config
+
+    spec = importlib.util.spec_from_file_location("train_multilabel_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model_class = LabelformerForMultiLabelGeneration if head == "generation" else LabelformerForMultiLabelClassification
+    model = model_class(synthetic_config())
+    args = argparse.Namespace(learning_rate=1e-3, weight_decay=0.01, encoder_lr_scale=0.1)
+    optimizer = script.make_optimizer(model, args, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    encoder = {id(p) for p in model.get_encoder().parameters()}
+    seen = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            seen.append(id(param))
+            assert group["lr"] == pytest.approx(1e-4 if id(param) in encoder else 1e-3), names[id(param)]
+            no_decay = param.ndim < 2 or "embed" in names[id(param)]
+            assert group["weight_decay"] == (0.0 if no_decay else 0.01), names[id(param)]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert any(id(p) not in encoder for p in model.parameters())  # the head/decoder keeps the full rate
