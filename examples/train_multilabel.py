@@ -595,11 +595,26 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             break
     bar.close()
     results = finish(accelerator, args, data, labels, state, best_dir)
-    # every process reaches the teardown together: a process that destroys its process group while
-    # another is still saving can leave the late one stuck in gloo's teardown (seen rarely on CPU)
-    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        del model, optimizer, train_loader, scheduler  # the DDP wrapper goes while the group is alive
+        quiesce_process_group(accelerator)
     accelerator.end_training()  # closes trackers and the process group: nothing distributed after this
     return results
+
+
+def quiesce_process_group(accelerator: Accelerator) -> None:
+    """Let the process group go idle before ``end_training`` destroys it (multi-process runs).
+
+    Seen with gloo on CPU (about 1 run in 20): when the DDP wrapper outlived the destroyed group,
+    freeing it ran the group's destructor, which joins the gloo worker thread while holding the
+    GIL, and that thread could still be freeing the last collective's tensors, which needs the GIL:
+    a deadlock at exit. The caller drops its DDP wrapper first (the group registry still holds the
+    group, so nothing is destroyed then); this frees Accelerate's references and pauses without
+    the GIL so the worker threads finish their last work before the group is destroyed.
+    """
+    accelerator.free_memory()
+    time.sleep(0.5)
 
 
 def global_mean_loss(accelerator: Accelerator, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
