@@ -227,9 +227,11 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: tor
     """AdamW; no weight decay on biases, LayerNorms and embeddings.
 
     ``--encoder_lr_scale`` multiplies the learning rate of the encoder (and the token embeddings it
-    holds), e.g. 0.1 to fine-tune a pretrained encoder gently under a fresh decoder.
+    holds), e.g. 0.1 to fine-tune a pretrained encoder gently under a fresh decoder. At 1 the groups
+    are the two of earlier versions, so their checkpoints still resume.
     """
-    encoder_ids = {id(param) for param in model.get_encoder().parameters()}
+    split = args.encoder_lr_scale != 1.0
+    encoder_ids = {id(param) for param in model.get_encoder().parameters()} if split else set()
     buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

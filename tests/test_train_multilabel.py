@@ -144,13 +144,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
     run([*common, "--output_dir", str(single), "--batch_size", "8"])
     # torchrun starts 2 CPU processes; Accelerate sees WORLD_SIZE=2 and trains with gloo (MULTI_CPU)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    double_args = [*common, "--output_dir", str(double), "--batch_size", "4"]
     try:
-        proc = run([*common, "--output_dir", str(double), "--batch_size", "4"], launcher=launcher, timeout=300)
+        proc = run(double_args, launcher=launcher, timeout=300)
     except subprocess.TimeoutExpired:
         # the gloo teardown deadlock that quiesce_process_group guards against is rare and outside
         # our code; should it strike anyway, one more run tells a hang from a broken feature
         shutil.rmtree(double, ignore_errors=True)
-        proc = run([*common, "--output_dir", str(double), "--batch_size", "4"], launcher=launcher, timeout=300)
+        proc = run(double_args, launcher=launcher, timeout=300)
     assert "2 process(es) (DistributedType.MULTI_CPU)" in proc.stderr
 
     def losses(out: Path) -> list[float]:
@@ -268,3 +269,6 @@ def test_encoder_lr_scale_gives_the_encoder_its_own_learning_rate(head):
             assert group["weight_decay"] == (0.0 if no_decay else 0.01), names[id(param)]
     assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)
     assert any(id(p) not in encoder for p in model.parameters())  # the head/decoder keeps the full rate
+    one_rate = argparse.Namespace(**{**vars(args), "encoder_lr_scale": 1.0})
+    default = script.make_optimizer(model, one_rate, torch.device("cpu"))
+    assert [g["weight_decay"] for g in default.param_groups] == [0.01, 0.0]  # the layout of older checkpoints
