@@ -12,6 +12,7 @@ own packages.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -43,6 +44,10 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def _check_probability(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+
+
+def _is_finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class LabelformerConfig(PretrainedConfig):
@@ -89,6 +94,11 @@ class LabelformerConfig(PretrainedConfig):
             head adds in training: a linear classifier on the mean-pooled encoder predicts the
             label set directly, which gives the encoder a dense signal for every label (multi-task
             learning). 0 turns it off; decoding never uses it.
+        eos_logit_bias: Added to the EOS logit when the generation head decodes (never in the
+            training loss): > 0 stops earlier (fewer labels per document), < 0 later.
+        label_logit_bias: ``num_labels`` numbers added to the label logits when the generation head
+            decodes, e.g. a logit adjustment ``-tau * log(label frequency)`` that favours rare labels
+            (`prior_label_bias`); ``None`` adds nothing. `tune_decoding_bias` fits both on validation data.
     """
 
     model_type = "labelformer"
@@ -134,6 +144,8 @@ class LabelformerConfig(PretrainedConfig):
         classifier_pooling: str = "mean",
         classifier_dropout: float = 0.1,
         auxiliary_bce_weight: float = 0.0,
+        eos_logit_bias: float = 0.0,
+        label_logit_bias: list[float] | None = None,
         pad_token_id: int = PAD_TOKEN_ID,
         bos_token_id: int = BOS_TOKEN_ID,
         eos_token_id: int = EOS_TOKEN_ID,
@@ -173,6 +185,8 @@ class LabelformerConfig(PretrainedConfig):
         self.classifier_pooling = classifier_pooling
         self.classifier_dropout = classifier_dropout
         self.auxiliary_bce_weight = auxiliary_bce_weight
+        self.eos_logit_bias = eos_logit_bias
+        self.label_logit_bias = None if label_logit_bias is None else list(label_logit_bias)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -217,6 +231,14 @@ class LabelformerConfig(PretrainedConfig):
         if not isinstance(self.auxiliary_bce_weight, (int, float)) or self.auxiliary_bce_weight < 0:
             raise ValueError(
                 f"`auxiliary_bce_weight` must be a number >= 0 (0 turns it off), got {self.auxiliary_bce_weight!r}."
+            )
+        if not _is_finite_number(self.eos_logit_bias):
+            raise ValueError(f"`eos_logit_bias` must be a finite number (0 = no bias), got {self.eos_logit_bias!r}.")
+        bias = self.label_logit_bias
+        if bias is not None and (len(bias) != self.num_labels or not all(map(_is_finite_number, bias))):
+            raise ValueError(
+                f"`label_logit_bias` must be {self.num_labels} finite numbers (one per label, in id order) or None, "
+                f"got {len(bias)} values."
             )
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             raise ValueError(f"`layer_norm_eps` must be a positive number, got {self.layer_norm_eps!r}.")

@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,13 @@ from modeling import (  # noqa: E402
     load_multilabel_dataset,
     train_tokenizer,
 )
-from modeling.evaluation_labelformer import METRIC_KEYS, evaluate_predictions, predict_texts, write_json  # noqa: E402
+from modeling.evaluation_labelformer import (  # noqa: E402
+    METRIC_KEYS,
+    evaluate_predictions,
+    predict_texts,
+    tune_decoding_bias,
+    write_json,
+)
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
 logger = logging.getLogger("reproduce_reuters")
@@ -144,16 +151,25 @@ def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path, seed:
 
 
 def evaluate_ensemble(folders: list[Path], data, labels: list[str], num_beams: int, cpu: bool) -> dict[str, Any]:
-    """Test (and validation) metrics of the seq2seq members decoding together (`LabelformerEnsemble`)."""
+    """Test (and validation) metrics of the seq2seq members decoding together (`LabelformerEnsemble`).
+
+    The ensemble's decoding bias (EOS bias and rare-label logit adjustment) is fit on validation first,
+    as each member's was on its own.
+    """
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     ensemble = LabelformerEnsemble.from_pretrained(folders).to(device)
     tokenizer = AutoTokenizer.from_pretrained(folders[0])
 
-    def scores(split: str, beams: int) -> dict[str, float]:
-        predicted = predict_texts(ensemble, tokenizer, list(data[split]["text"]), num_beams=beams)
-        return evaluate_predictions(predicted, data[split]["labels"], labels)
+    def predict(split: str, beams: int = 1) -> list[list[str]]:
+        return predict_texts(ensemble, tokenizer, list(data[split]["text"]), num_beams=beams)
 
+    def scores(split: str, beams: int) -> dict[str, float]:
+        return evaluate_predictions(predict(split, beams), data[split]["labels"], labels)
+
+    counts = Counter(label for row in data["train"]["labels"] for label in row)
+    tuned = tune_decoding_bias(ensemble, lambda _: predict("validation"), data["validation"]["labels"], counts)
     return {
+        "decoding_bias": {k: v for k, v in tuned.items() if k != "grid"},
         "validation": scores("validation", 1),
         "greedy": scores("test", 1),
         "beam": {"num_beams": num_beams, **scores("test", num_beams)},
@@ -179,6 +195,7 @@ def train_seq2seq(args: argparse.Namespace, tokenizer_dir: Path, data, labels: l
     num_beams = members[0].get("beam", {}).get("num_beams", RECIPE["num_beams"])
     ensemble = evaluate_ensemble(folders, data, labels, num_beams, args.cpu)
     info["seq2seq_ensemble_validation"] = ensemble["validation"]
+    info["seq2seq_ensemble_decoding_bias"] = ensemble["decoding_bias"]
     return {"seq2seq_greedy": ensemble["greedy"], "seq2seq_beam": ensemble["beam"]}
 
 

@@ -113,6 +113,15 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
     def __len__(self) -> int:
         return len(self.members)
 
+    def set_decoding_bias(self, eos_logit_bias: float = 0.0, label_logit_bias: Sequence[float] | None = None) -> None:
+        """Generation heads: set the same decoding bias on every member (and on ``config``)."""
+        if not self.is_generation:
+            raise TypeError("set_decoding_bias is for ensembles of generation heads.")
+        for member in self.members:
+            member.set_decoding_bias(eos_logit_bias, label_logit_bias)
+        self.config.eos_logit_bias = self.members[0].config.eos_logit_bias
+        self.config.label_logit_bias = self.members[0].config.label_logit_bias
+
     def label_probabilities(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Threshold heads: the members' mean sigmoid probabilities ``[b, num_labels]`` for ids ``[b, s]``."""
         if self.is_generation:

@@ -6,12 +6,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers.utils import logging
 
+from .multilabel_labelformer import prior_label_bias
 from .multilabel_metrics.multilabel_metrics import compute_multilabel_metrics, per_label_scores
 
 logger = logging.get_logger(__name__)
@@ -55,6 +56,51 @@ def evaluate_predictions(
 ) -> dict[str, float]:
     """The six metrics of `compute_multilabel_metrics` over the model's label vocabulary."""
     return compute_multilabel_metrics(predictions, references, labels=labels)
+
+
+#: The grid `tune_decoding_bias` searches by default.
+EOS_BIASES = (-1.0, -0.5, 0.0, 0.5, 1.0)
+PRIOR_WEIGHTS = (0.0, 0.1, 0.2, 0.3)
+
+
+def tune_decoding_bias(
+    model: Any,
+    predict: Callable[[Any], list[list[str]]],
+    references: Sequence[Sequence[str]],
+    label_counts: Mapping[str, int],
+    eos_biases: Sequence[float] = EOS_BIASES,
+    prior_weights: Sequence[float] = PRIOR_WEIGHTS,
+    metric: str = "micro_f1",
+) -> dict[str, Any]:
+    """Fit a generation head's decoding bias on validation data, like the threshold head's threshold.
+
+    Tries every ``eos_logit_bias`` in ``eos_biases`` with every logit-adjustment weight in
+    ``prior_weights`` (label biases ``prior_label_bias(label_counts, weight)``), scores
+    ``predict(model)`` against ``references`` and keeps the best ``metric``; no bias wins ties.
+    The winner stays set on ``model`` (a `LabelformerForMultiLabelGeneration` or an ensemble of
+    them), so `save_pretrained` keeps it.
+
+    Args:
+        predict: decodes the validation texts with ``model`` as it is set now (greedy is enough).
+        label_counts: training documents per label name (labels missing here count as 1).
+
+    Returns:
+        ``{"eos_logit_bias", "prior_weight", metric, "unbiased_" + metric, "grid": [...]}``.
+    """
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    counts = [label_counts.get(label, 0) for label in labels]
+    grid, best = [], None
+    settings = [(0.0, 0.0)] + [(e, w) for w in prior_weights for e in eos_biases if (e, w) != (0.0, 0.0)]
+    for eos, weight in settings:
+        model.set_decoding_bias(eos, prior_label_bias(counts, weight) if weight else None)
+        score = evaluate_predictions(predict(model), references, labels)[metric]
+        grid.append({"eos_logit_bias": eos, "prior_weight": weight, metric: score})
+        logger.info("decoding bias: EOS %+.2f, prior weight %.2f -> validation %s %.4f", eos, weight, metric, score)
+        if best is None or score > best[metric]:
+            best = grid[-1]
+    eos, weight = best["eos_logit_bias"], best["prior_weight"]
+    model.set_decoding_bias(eos, prior_label_bias(counts, weight) if weight else None)
+    return {**best, f"unbiased_{metric}": grid[0][metric], "grid": grid}
 
 
 def per_label_table(
@@ -135,5 +181,6 @@ __all__ = [
     "per_label_table",
     "plot_training_curve",
     "predict_texts",
+    "tune_decoding_bias",
     "write_json",
 ]

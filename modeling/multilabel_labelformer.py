@@ -93,6 +93,40 @@ class LabelSetLogitsProcessor(LogitsProcessor):
         return scores.masked_fill(~allowed, float("-inf"))
 
 
+class DecodingBiasLogitsProcessor(LogitsProcessor):
+    """Add the config's decoding bias (`LabelformerForMultiLabelGeneration.decoding_bias`) inside `generate()`.
+
+    The result is renormalised (log-softmax), so beam search, which hands processors
+    log-probabilities, ranks hypotheses by the biased distribution; greedy choices are the same as
+    on biased logits.
+    """
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        self.bias = bias
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """``scores`` ``[n, v]`` -> ``log_softmax(scores + bias)`` ``[n, v]``."""
+        return (scores.float() + self.bias.to(scores.device)).log_softmax(-1).to(scores.dtype)
+
+
+def prior_label_bias(label_counts: Sequence[int], weight: float) -> list[float]:
+    """Logit adjustment for the long tail (Menon et al., 2021): ``-weight * log(frequency)``, centred on 0.
+
+    Args:
+        label_counts: training documents per label, in label-id order (0 counts as 1).
+        weight: 0 gives no bias; larger values favour rare labels more.
+
+    Returns:
+        One bias per label for ``config.label_logit_bias``; they average 0, so the bias moves
+        probability between labels and leaves the choice of EOS to ``eos_logit_bias``.
+    """
+    if weight < 0:
+        raise ValueError(f"`weight` must be >= 0, got {weight!r}.")
+    log_counts = torch.tensor([float(max(c, 1)) for c in label_counts]).log()
+    bias = -weight * (log_counts - log_counts.mean())
+    return bias.tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # predict_labels, shared by every multi-label head
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +273,8 @@ class _GreedyLabelDecoder:
                  dtype: torch.dtype, cuda_graph: bool) -> None:  # fmt: skip
         self.models = [weakref.proxy(m) for m in models]  # the registry holds decoders per model: no cycle
         self.caches = [StaticDecodingCache(m.model.decoder, batch, source_len, steps, device, dtype) for m in models]
+        #: Each model's `decoding_bias`, refreshed on every call (static tensors a CUDA graph can read).
+        self.biases = [torch.zeros(m.config.decoder_vocab_size, device=device) for m in models]
         self.batch, self.steps, self.device = batch, steps, device
         self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -255,11 +291,10 @@ class _GreedyLabelDecoder:
         for step in range(self.steps):
             allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
             probs = sum(
-                model.lm_head(model.model.decoder.decode_step(current, cache, step))  # [b, v]
-                .float()
+                (model.lm_head(model.model.decoder.decode_step(current, cache, step)).float() + bias)  # [b, v]
                 .masked_fill(~allowed, float("-inf"))
                 .softmax(-1)
-                for model, cache in zip(self.models, self.caches)
+                for model, cache, bias in zip(self.models, self.caches, self.biases)
             )
             if len(self.models) > 1:
                 probs = probs / len(self.models)
@@ -281,6 +316,8 @@ class _GreedyLabelDecoder:
         """One ``[b, s, d]`` encoder output per model -> ``[b, t]`` tokens and ``[b, t]`` probabilities."""
         for cache, states in zip(self.caches, encoder_states, strict=True):
             cache.set_encoder_states(states, attention_mask)
+        for model, bias in zip(self.models, self.biases):
+            bias.copy_(model.decoding_bias(bias.device))
         if not self.cuda_graph:
             return self._decode(early_exit=True)
         if self.graph is None:
@@ -335,9 +372,35 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         """The decoding constraints of this model's config."""
         return LabelSetLogitsProcessor(self.config.min_labels, self.config.effective_max_labels)
 
+    def decoding_bias(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[decoder_vocab_size]`` float added to the logits when decoding (never in the training loss).
+
+        ``config.eos_logit_bias`` at EOS and ``config.label_logit_bias`` at the labels; zeros by default.
+        """
+        bias = torch.zeros(self.config.decoder_vocab_size)
+        bias[EOS_TOKEN_ID] = self.config.eos_logit_bias
+        if self.config.label_logit_bias is not None:
+            bias[NUM_SPECIAL_DECODER_TOKENS:] = torch.tensor(self.config.label_logit_bias, dtype=torch.float)
+        return bias.to(device) if device is not None else bias
+
+    def set_decoding_bias(self, eos_logit_bias: float = 0.0, label_logit_bias: Sequence[float] | None = None) -> None:
+        """Set (and validate) the decoding bias in the config; `save_pretrained` keeps it."""
+        old = (self.config.eos_logit_bias, self.config.label_logit_bias)
+        self.config.eos_logit_bias = eos_logit_bias
+        self.config.label_logit_bias = None if label_logit_bias is None else list(label_logit_bias)
+        try:
+            self.config.validate_labelformer()
+        except ValueError:
+            self.config.eos_logit_bias, self.config.label_logit_bias = old
+            raise
+
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
-        """`GenerationMixin.generate` with the label-set constraints, and room for ``max_labels`` + EOS."""
+        """`GenerationMixin.generate` with the decoding bias and the label-set constraints, and room for
+        ``max_labels`` + EOS."""
         processors = LogitsProcessorList(logits_processor or [])
+        bias = self.decoding_bias()
+        if bias.any():
+            processors.append(DecodingBiasLogitsProcessor(bias))
         processors.append(self.label_processor())
         if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
             kwargs["max_new_tokens"] = self.config.effective_max_labels + 1
@@ -424,7 +487,10 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         allowed = allowed_label_tokens(
             decoder_input_ids, logits.shape[-1], self.config.min_labels, self.config.effective_max_labels
         )
-        return logits.float().masked_fill(~allowed, float("-inf"))
+        logits = logits.float()
+        if not self.training:  # the decoding bias is part of the decision rule, not of training
+            logits = logits + self.decoding_bias(logits.device)
+        return logits.masked_fill(~allowed, float("-inf"))
 
     @torch.no_grad()
     def greedy_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -82,6 +82,14 @@ def test_training_writes_model_metrics_card_and_plots(tmp_path, data_files, head
     assert "model-index" in card and f"{metrics['micro_f1']:.4f}" in card
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history if "epoch" in h] == [1, 2]
+    config = json.loads((out / "config.json").read_text())
+    if head == "generation":  # the decoding bias was fit on validation and saved with the model
+        tuned = metrics["decoding_bias"]
+        assert tuned["micro_f1"] >= tuned["unbiased_micro_f1"]
+        assert config["eos_logit_bias"] == tuned["eos_logit_bias"]
+        assert (config["label_logit_bias"] is None) == (tuned["prior_weight"] == 0)
+    else:
+        assert "decoding_bias" not in metrics
 
     from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
