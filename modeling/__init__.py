@@ -17,6 +17,7 @@ from .data_labelformer import (
     split_unknown_labels,
 )
 from .ensemble_labelformer import LabelformerEnsemble
+from .evaluation_labelformer import tune_decoding_bias
 from .modeling_labelformer import (
     LabelformerForConditionalGeneration,
     LabelformerModel,
@@ -24,9 +25,11 @@ from .modeling_labelformer import (
     StaticDecodingCache,
 )
 from .multilabel_labelformer import (
+    DecodingBiasLogitsProcessor,
     LabelformerForMultiLabelClassification,
     LabelformerForMultiLabelGeneration,
     LabelSetLogitsProcessor,
+    prior_label_bias,
 )
 from .multilabel_metrics import METRIC_PATH, compute_multilabel_metrics
 from .parallel_labelformer import LabelformerForParallelLabelGeneration
@@ -57,6 +60,7 @@ LabelformerForMultiLabelClassification.register_for_auto_class("AutoModelForSequ
 
 __all__ = [
     "METRIC_PATH",
+    "DecodingBiasLogitsProcessor",
     "LabelSetLogitsProcessor",
     "LabelformerConfig",
     "LabelformerEnsemble",
@@ -73,6 +77,8 @@ __all__ = [
     "build_label_vocabulary",
     "compute_multilabel_metrics",
     "load_multilabel_dataset",
+    "prior_label_bias",
     "split_unknown_labels",
     "train_tokenizer",
+    "tune_decoding_bias",
 ]
