@@ -59,8 +59,8 @@ def evaluate_predictions(
 
 
 #: The grid `tune_decoding_bias` searches by default.
-EOS_BIASES = (-1.0, -0.5, 0.0, 0.5, 1.0)
-PRIOR_WEIGHTS = (0.0, 0.1, 0.2, 0.3)
+EOS_BIASES = (-1.0, -0.5, 0.0, 0.5)
+PRIOR_WEIGHTS = (0.0, 0.1, 0.2)
 
 
 def tune_decoding_bias(

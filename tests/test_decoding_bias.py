@@ -13,7 +13,7 @@ from modeling import (
     LabelformerForMultiLabelClassification,
     LabelformerForMultiLabelGeneration,
 )
-from modeling.evaluation_labelformer import EOS_BIASES, tune_decoding_bias
+from modeling.evaluation_labelformer import EOS_BIASES, PRIOR_WEIGHTS, tune_decoding_bias
 from modeling.multilabel_labelformer import prior_label_bias
 
 from .synthetic import LABELS, NUM_CLASSES, synthetic_batch, synthetic_config
@@ -138,7 +138,7 @@ def test_tuning_keeps_the_best_setting_and_prefers_no_bias_on_ties():
 
     tuned = tune_decoding_bias(model, predict, references, counts)
     assert (tuned["eos_logit_bias"], tuned["prior_weight"], tuned["micro_f1"]) == (0.5, 0.2, 1.0)
-    assert tuned["unbiased_micro_f1"] < 1.0 and len(tuned["grid"]) == 20
+    assert tuned["unbiased_micro_f1"] < 1.0 and len(tuned["grid"]) == len(EOS_BIASES) * len(PRIOR_WEIGHTS)
     assert model.config.eos_logit_bias == 0.5 and predict(model) == references  # the winner stays set
 
     flat = tune_decoding_bias(model, lambda m: [[LABELS[0]], [LABELS[1]]], references, counts)

@@ -41,9 +41,13 @@ def test_reproduce_reuters_writes_the_comparison(tmp_path):
     info = json.loads((out / "run_info.json").read_text())
     assert {"tokenizer", "threshold", "seq2seq", "svm", "total"} <= set(info["seconds"])
     assert "seq2seq_beam" in proc.stdout and "Times (s)" in proc.stdout
-    # two seq2seq seeds on one split: each member's own scores, the ensemble in results.json
+    # three seq2seq seeds on one split: each member's own scores, the ensemble in results.json
     members = info["seq2seq_members"]
-    assert [m["seed"] for m in members] == [42, 43] and "seq2seq seed 43" in proc.stdout
-    for folder in ("seq2seq", "seq2seq_seed43"):
-        assert json.loads((out / folder / "training_args.json").read_text())["split_seed"] == 42
+    assert [m["seed"] for m in members] == [42, 43, 44] and "seq2seq seed 44" in proc.stdout
+    for folder in ("seq2seq", "seq2seq_seed43", "seq2seq_seed44"):
+        member_args = json.loads((out / folder / "training_args.json").read_text())
+        assert member_args["split_seed"] == 42 and member_args["tune_decoding_bias"] is False  # the ensemble's job
     assert 0.0 <= info["seq2seq_ensemble_validation"]["micro_f1"] <= 1.0
+    tuned = info["seq2seq_ensemble_decoding_bias"]
+    assert tuned["micro_f1"] >= tuned["unbiased_micro_f1"]
+    assert tuned["micro_f1"] == pytest.approx(info["seq2seq_ensemble_validation"]["micro_f1"])
