@@ -17,7 +17,7 @@ from modeling import (
 from modeling.data_labelformer import label_target, order_labels
 from modeling.multilabel_labelformer import allowed_label_tokens, threshold_decisions
 
-from .synthetic import LABELS, NUM_CLASSES, synthetic_batch, synthetic_config
+from .synthetic import LABELS, NUM_CLASSES, check_fast_greedy_matches_generate, synthetic_batch, synthetic_config
 
 SPECIAL = 3
 
@@ -236,15 +236,7 @@ def test_fast_greedy_path_matches_generate(seed, limits):
     ids, _ = synthetic_batch(6, 12, torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
     mask[-1, -4:] = 0
-    with torch.no_grad():
-        fast = model.predict_batch(ids, mask, num_beams=1)
-        sequences = model.generate(input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False)
-        reference = model._label_dicts(
-            sequences[:, 1:], model.label_scores(sequences, model.model.encoder(ids, mask), mask)
-        )
-    assert [list(r) for r in fast] == [list(r) for r in reference]
-    for got, want in zip(fast, reference):
-        assert got == pytest.approx(want, abs=1e-5)
+    check_fast_greedy_matches_generate(model, ids, mask)
 
 
 def test_generate_shows_the_decoder_vocabulary_size_while_it_runs():
