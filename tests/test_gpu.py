@@ -138,6 +138,15 @@ def test_cuda_graph_decoding_matches_eager_decoding(dtype, backend):
         model.use_cuda_graphs = False
         plain = model.greedy_labels(ids, mask)
     assert_same_decoding(graphed, plain)
+    # so is a decoding bias set after the capture (static bias tensors): one label, then EOS
+    model.set_decoding_bias(eos_logit_bias=50.0)
+    with torch.no_grad():
+        model.use_cuda_graphs = True
+        graphed = model.greedy_labels(ids, mask)
+        model.use_cuda_graphs = False
+        plain = model.greedy_labels(ids, mask)
+    assert_same_decoding(graphed, plain)
+    assert (graphed[0][:, 1] == model.config.eos_token_id).all()
 
 
 def assert_same_decoding(graphed, plain) -> None:
