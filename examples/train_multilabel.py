@@ -643,6 +643,7 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
     model = head_class.from_pretrained(best_dir).to(accelerator.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(best_dir)
     results: dict[str, Any] = {}
+    decoding_bias: dict[str, Any] | None = None
     if args.head == "generation" and args.tune_decoding_bias and "validation" in data:
         tuned = tune_decoding_bias(
             model,
@@ -650,7 +651,7 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
             data["validation"]["labels"],
             Counter(label for row in data["train"]["labels"] for label in row),
         )
-        state["decoding_bias"] = {k: v for k, v in tuned.items() if k != "grid"}
+        decoding_bias = {k: v for k, v in tuned.items() if k != "grid"}
         logger.info(
             "decoding bias: EOS %+.2f, prior weight %.2f (validation micro-F1 %.4f; %.4f without)",
             tuned["eos_logit_bias"], tuned["prior_weight"], tuned["micro_f1"], tuned["unbiased_micro_f1"],
@@ -685,8 +686,8 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
             training_args=training_args,
         )
         card.save(out / "README.md")
-        if "decoding_bias" in state:
-            results["decoding_bias"] = state["decoding_bias"]
+        if decoding_bias is not None:
+            results["decoding_bias"] = decoding_bias
         if results:
             write_json(results, out / "test_metrics.json")
             (out / "per_label_metrics.md").write_text(per_label_table(predictions, references, labels))

@@ -89,17 +89,17 @@ def tune_decoding_bias(
     """
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     counts = [label_counts.get(label, 0) for label in labels]
+    label_biases = {w: prior_label_bias(counts, w) if w else None for w in (0.0, *prior_weights)}
     grid, best = [], None
     settings = [(0.0, 0.0)] + [(e, w) for w in prior_weights for e in eos_biases if (e, w) != (0.0, 0.0)]
     for eos, weight in settings:
-        model.set_decoding_bias(eos, prior_label_bias(counts, weight) if weight else None)
+        model.set_decoding_bias(eos, label_biases[weight])
         score = evaluate_predictions(predict(model), references, labels)[metric]
         grid.append({"eos_logit_bias": eos, "prior_weight": weight, metric: score})
         logger.info("decoding bias: EOS %+.2f, prior weight %.2f -> validation %s %.4f", eos, weight, metric, score)
         if best is None or score > best[metric]:
             best = grid[-1]
-    eos, weight = best["eos_logit_bias"], best["prior_weight"]
-    model.set_decoding_bias(eos, prior_label_bias(counts, weight) if weight else None)
+    model.set_decoding_bias(best["eos_logit_bias"], label_biases[best["prior_weight"]])
     return {**best, f"unbiased_{metric}": grid[0][metric], "grid": grid}
 
 
