@@ -94,6 +94,9 @@ class LabelformerConfig(PretrainedConfig):
             head adds in training: a linear classifier on the mean-pooled encoder predicts the
             label set directly, which gives the encoder a dense signal for every label (multi-task
             learning). 0 turns it off; decoding never uses it.
+        unpad_encoder: Run the encoder's per-token work (projections, feed-forward, norms) on the
+            real tokens of a padded batch only and pad just around attention: the same outputs at
+            real positions (zeros at padding), less compute the more padding a batch has.
         eos_logit_bias: Added to the EOS logit when the generation head decodes (never in the
             training loss): > 0 stops earlier (fewer labels per document), < 0 later.
         label_logit_bias: ``num_labels`` numbers added to the label logits when the generation head
@@ -144,6 +147,7 @@ class LabelformerConfig(PretrainedConfig):
         classifier_pooling: str = "mean",
         classifier_dropout: float = 0.1,
         auxiliary_bce_weight: float = 0.0,
+        unpad_encoder: bool = True,
         eos_logit_bias: float = 0.0,
         label_logit_bias: list[float] | None = None,
         pad_token_id: int = PAD_TOKEN_ID,
@@ -185,6 +189,7 @@ class LabelformerConfig(PretrainedConfig):
         self.classifier_pooling = classifier_pooling
         self.classifier_dropout = classifier_dropout
         self.auxiliary_bce_weight = auxiliary_bce_weight
+        self.unpad_encoder = unpad_encoder
         self.eos_logit_bias = eos_logit_bias
         self.label_logit_bias = None if label_logit_bias is None else list(label_logit_bias)
         super().__init__(
@@ -232,6 +237,8 @@ class LabelformerConfig(PretrainedConfig):
             raise ValueError(
                 f"`auxiliary_bce_weight` must be a number >= 0 (0 turns it off), got {self.auxiliary_bce_weight!r}."
             )
+        if not isinstance(self.unpad_encoder, bool):
+            raise ValueError(f"`unpad_encoder` must be True or False, got {self.unpad_encoder!r}.")
         if not _is_finite_number(self.eos_logit_bias):
             raise ValueError(f"`eos_logit_bias` must be a finite number (0 = no bias), got {self.eos_logit_bias!r}.")
         bias = self.label_logit_bias

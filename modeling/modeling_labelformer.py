@@ -140,6 +140,60 @@ class LabelformerEmbeddings(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Padding-free encoder: run per-token work on real tokens only
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenPacking:
+    """Where the real tokens of a right- or left-padded batch are, to skip padding in per-token work.
+
+    Every encoder computation except attention itself treats tokens independently (projections,
+    feed-forward, LayerNorm, dropout, residuals), so the encoder runs them on the ``n`` real tokens
+    of a ``[b, s]`` batch packed into ``[n, d]`` and scatters back to ``[b, s, ...]`` only around
+    attention. Real positions get the same values as the padded computation (up to float rounding);
+    padding positions come out as zeros. On Reuters batches of 128 tokens about a quarter of all
+    positions are padding.
+
+    Args:
+        attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor) -> None:
+        self.batch, self.length = attention_mask.shape
+        self.index = attention_mask.reshape(-1).nonzero().squeeze(1)  # [n] into the flat b * s positions
+
+    @property
+    def num_tokens(self) -> int:
+        """``n``, the number of real tokens."""
+        return self.index.numel()
+
+    def pack(self, states: torch.Tensor) -> torch.Tensor:
+        """``[b, s, ...]`` -> ``[n, ...]`` (the real tokens, in row-major order)."""
+        return states.reshape(self.batch * self.length, *states.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, states: torch.Tensor) -> torch.Tensor:
+        """``[n, ...]`` -> ``[b, s, ...]`` with zeros at padding positions (differentiable)."""
+        flat = states.new_zeros(self.batch * self.length, *states.shape[1:]).index_copy(0, self.index, states)
+        return flat.view(self.batch, self.length, *states.shape[1:])
+
+
+def token_packing(config: LabelformerConfig, attention_mask: torch.Tensor | None) -> TokenPacking | None:
+    """A `TokenPacking` when ``config.unpad_encoder`` is on and the ``[b, s]`` mask has padding, else ``None``.
+
+    Off while compiling, tracing or capturing a CUDA graph: the number of real tokens is data
+    dependent, which those need to be static.
+    """
+    if not getattr(config, "unpad_encoder", True) or attention_mask is None or attention_mask.dim() != 2:
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    if attention_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    packing = TokenPacking(attention_mask)
+    return packing if packing.num_tokens < attention_mask.numel() else None
+
+
+# ---------------------------------------------------------------------------------------------
 # Attention (section 3.2)
 # ---------------------------------------------------------------------------------------------
 
@@ -232,27 +286,59 @@ class LabelformerAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: EncoderDecoderCache | None = None,
+        packing: TokenPacking | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from ``hidden_states`` to itself, or to ``key_value_states`` (cross-attention).
 
         Args:
-            hidden_states: queries' source, ``[b, q, d_model]``.
+            hidden_states: queries' source, ``[b, q, d_model]``, or ``[n, d_model]`` packed real
+                tokens when ``packing`` is given (self-attention only).
             key_value_states: encoder output ``[b, k, d_model]`` for cross-attention, else ``None``.
             attention_mask: the prepared mask for the configured backend (see module docstring).
             past_key_values: the generation cache, or ``None``.
+            packing: the `TokenPacking` of packed ``hidden_states``: projections run on the real
+                tokens, attention on the padded ``[b, h, s, d_k]`` layout.
 
         Returns:
-            ``[b, q, d_model]`` and the attention probabilities (``None`` for fused kernels).
+            ``[b, q, d_model]`` (``[n, d_model]`` when packed) and the attention probabilities
+            (``None`` for fused kernels).
         """
+        if packing is not None:
+            return self._packed_self_attention(hidden_states, attention_mask, packing, **kwargs)
         is_cross_attention = key_value_states is not None
         query = self._split_heads(self.q_proj(hidden_states))  # [b, h, q, d_k]
         source = key_value_states if is_cross_attention else hidden_states
         key, value = self._keys_values(source, past_key_values, is_cross_attention)  # [b, h, k, d_k]
+        output, weights = self._attend(query, key, value, attention_mask, **kwargs)  # [b, q, h, d_k]
+        output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # concat heads: [b, q, d_model]
+        return self.out_proj(output), weights
+
+    def _packed_self_attention(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, packing: TokenPacking, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention of packed ``[n, d_model]`` tokens: project packed, attend padded, project packed."""
+        query, key, value = (
+            self._split_heads(packing.unpack(proj(hidden_states)))  # [b, h, s, d_k]
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        output, weights = self._attend(query, key, value, attention_mask, **kwargs)  # [b, s, h, d_k]
+        output = packing.pack(output.reshape(packing.batch, packing.length, -1))  # [n, d_model]
+        return self.out_proj(output), weights
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The configured attention backend on ``[b, h, q|k, d_k]`` -> ``[b, q, h, d_k]`` and probabilities."""
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        output, weights = attention_interface(
+        return attention_interface(
             self,
             query,
             key,
@@ -261,9 +347,7 @@ class LabelformerAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             scaling=self.scaling,
             **kwargs,
-        )  # output: [b, q, h, d_k]
-        output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # concat heads: [b, q, d_model]
-        return self.out_proj(output), weights
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,11 +408,15 @@ class LabelformerEncoderLayer(GradientCheckpointingLayer):
         self.feed_forward_sublayer = SublayerConnection(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        packing: TokenPacking | None = None,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[b, s, d]`` -> ``[b, s, d]`` plus self-attention probabilities."""
+        """``[b, s, d]`` (or ``[n, d]`` packed, see `TokenPacking`) -> same shape, plus self-attention probabilities."""
         hidden_states, attn = self.self_attn_sublayer(
-            hidden_states, lambda x: self.self_attn(x, attention_mask=attention_mask, **kwargs)
+            hidden_states, lambda x: self.self_attn(x, attention_mask=attention_mask, packing=packing, **kwargs)
         )
         hidden_states, _ = self.feed_forward_sublayer(hidden_states, self.feed_forward)
         return hidden_states, attn
@@ -398,15 +486,24 @@ class LabelformerEncoder(nn.Module):
         output_hidden_states: bool = False,
         **kwargs: Any,
     ) -> BaseModelOutput:
-        """``[b, s]`` ids and 1/0 mask -> ``last_hidden_state`` ``[b, s, d]``."""
+        """``[b, s]`` ids and 1/0 mask -> ``last_hidden_state`` ``[b, s, d]``.
+
+        With ``config.unpad_encoder`` and a padded batch, the layers run on the real tokens only
+        (`TokenPacking`); padding positions of the outputs are then zeros.
+        """
         hidden_states = self.embeddings(input_ids, inputs_embeds)
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+        packing = token_packing(self.config, attention_mask)
+        padded = packing.unpack if packing is not None else (lambda states: states)
+        if packing is not None:
+            hidden_states = packing.pack(hidden_states)  # [n, d]
         all_hidden, all_attn = [], []
         for layer in self.layers:
-            all_hidden.append(hidden_states)
-            hidden_states, attn = layer(hidden_states, mask, **kwargs)
+            if output_hidden_states:
+                all_hidden.append(padded(hidden_states))
+            hidden_states, attn = layer(hidden_states, mask, packing=packing, **kwargs)
             all_attn.append(attn)
-        hidden_states = self.final_norm(hidden_states)
+        hidden_states = padded(self.final_norm(hidden_states))
         all_hidden.append(hidden_states)
         return BaseModelOutput(
             last_hidden_state=hidden_states,

@@ -27,6 +27,7 @@ from .conftest import tiny_config
         ({"layer_norm_eps": 0}, "layer_norm_eps"),
         ({"classifier_threshold": 1.5}, "classifier_threshold"),
         ({"eos_token_id": 99}, "eos_token_id"),
+        ({"unpad_encoder": "yes"}, "unpad_encoder"),
     ],
 )
 def test_bad_values_raise_naming_the_field(overrides, field):

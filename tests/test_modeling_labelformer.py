@@ -280,3 +280,62 @@ def test_fast_greedy_generate_equals_the_generic_loop(attn, lengths):
     assert model._plain_greedy_request((), no_length) is None  # length defaults are generate()'s business
     model.generation_config.no_repeat_ngram_size = 2
     assert model._plain_greedy_request((), kwargs) is None
+
+
+def _ragged_batch(config, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four rows of 11, 7, 3 and 11 real tokens, padded on the right (or the left)."""
+    lengths = [11, 7, 3, 11]
+    input_ids = torch.randint(3, config.vocab_size, (len(lengths), max(lengths)))
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        real = slice(max(lengths) - length, None) if left else slice(0, length)
+        attention_mask[row, real] = 1
+    return input_ids.masked_fill(attention_mask == 0, config.pad_token_id), attention_mask
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("overrides", OPTIONS[:3])
+def test_unpadded_encoder_matches_the_padded_one(attn, left, overrides):
+    """Packing real tokens (config.unpad_encoder) changes no real-position output or gradient."""
+    packed = build(attn, **overrides).train()
+    padded = build(attn, **overrides, unpad_encoder=False).train()
+    padded.load_state_dict(packed.state_dict())
+    for model in (packed, padded):  # dropout off, so both runs are deterministic
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    input_ids, attention_mask = _ragged_batch(packed.config, left)
+    labels = torch.randint(3, packed.config.decoder_vocab_size, (input_ids.shape[0], 5))
+    real = attention_mask.bool()
+    outs = [
+        m(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
+        for m in (packed, padded)
+    ]
+    for a, b in zip(outs[0].encoder_hidden_states, outs[1].encoder_hidden_states):
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-4)
+    assert outs[0].encoder_last_hidden_state[~real].abs().max() == 0  # padding rows are zeros
+    assert outs[1].encoder_last_hidden_state[~real].abs().max() > 0  # (the padded path computes them)
+    torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=1e-5, rtol=1e-4)
+    for out in outs:
+        out.loss.backward()
+    grads = dict(padded.named_parameters())
+    for name, param in packed.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_token_packing_round_trip_and_when_it_is_used():
+    from modeling.modeling_labelformer import TokenPacking, token_packing
+
+    config = tiny_config()
+    _, attention_mask = _ragged_batch(config)
+    packing = TokenPacking(attention_mask)
+    assert packing.num_tokens == int(attention_mask.sum())
+    states = torch.randn(*attention_mask.shape, 5)
+    packed = packing.pack(states)
+    assert packed.shape == (packing.num_tokens, 5)
+    torch.testing.assert_close(packing.unpack(packed), states * attention_mask[..., None])
+    assert token_packing(config, attention_mask) is not None
+    assert token_packing(config, torch.ones_like(attention_mask)) is None  # nothing to skip
+    assert token_packing(config, None) is None
+    assert token_packing(tiny_config(unpad_encoder=False), attention_mask) is None
