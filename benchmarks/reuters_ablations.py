@@ -7,6 +7,14 @@ Variants run ``--jobs`` at a time (several fit on one GPU).
 
     python benchmarks/reuters_ablations.py --output_dir runs/ablations --jobs 4
     python benchmarks/reuters_ablations.py --output_dir runs/ablations --only baseline label_order=random
+
+``--from_threshold DIR`` ablates the two-stage recipe instead: generator variants start from the
+encoder of a finished threshold-head run (e.g. ``runs/reuters/threshold`` of `reproduce_reuters.py`),
+with its tokenizer and the recipe's generator settings (dropout 0, 4 epochs), which is affordable
+on a CPU:
+
+    python benchmarks/reuters_ablations.py --output_dir runs/ablations2 --from_threshold runs/reuters/threshold \
+        --only baseline scheduled_sampling=0.2 "decoder_layers=2"
 """
 
 from __future__ import annotations
@@ -21,7 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from examples.reproduce_reuters import RECIPE, SEED, VALIDATION_FRACTION, train_arguments  # noqa: E402
+from examples.reproduce_reuters import (  # noqa: E402
+    FROM_THRESHOLD,
+    PER_SYSTEM,
+    RECIPE,
+    SEED,
+    VALIDATION_FRACTION,
+    train_arguments,
+)
 from modeling import load_multilabel_dataset, train_tokenizer  # noqa: E402
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
@@ -57,14 +72,29 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "max_length=128, dropout=0, auxiliary_bce_weight=1": (
         "generation", {"max_length": 128, "dropout": 0.0, "auxiliary_bce_weight": 1.0}),
     "threshold, max_length=128, dropout=0": ("threshold", {"max_length": 128, "dropout": 0.0}),
+    "dropout=0.1": ("generation", {"dropout": 0.1}),
+    "decoder_layers=2": ("generation", {"decoder_layers": 2}),
+    "epochs=6": ("generation", {"epochs": 6}),
+    "seed=43": ("generation", {"seed": 43}),
 }  # fmt: skip
 
 
+def variant_settings(head: str, changes: dict, from_threshold: Path | None) -> dict:
+    """The recipe with ``changes``; two-stage generator variants start from ``from_threshold``'s encoder."""
+    if from_threshold is None or head == "threshold":
+        return {**RECIPE, **changes}
+    system = "seq2seq" if head == "generation" else head
+    return {**RECIPE, **PER_SYSTEM.get(system, {}), **FROM_THRESHOLD, "init_encoder_from": from_threshold, **changes}
+
+
 def run_variant(name: str, head: str, changes: dict, args, tokenizer_dir: Path) -> dict:
-    settings = {**RECIPE, **changes}
+    settings = variant_settings(head, changes, args.from_threshold)
     settings.pop("vocab_size")  # the shared tokenizer fixes it
+    seed = settings.pop("seed", SEED)
     out = Path(args.output_dir) / name.replace(" ", "_").replace(",", "").replace("=", "-").replace("+", "p")
-    command = [sys.executable, *train_arguments(head, out, tokenizer_dir, settings), "--skip_test", "--no_progress"]
+    command = [
+        sys.executable, *train_arguments(head, out, tokenizer_dir, settings, seed), "--skip_test", "--no_progress"
+    ]  # fmt: skip
     start = time.time()
     proc = subprocess.run(command, capture_output=True, text=True)
     seconds = time.time() - start
@@ -90,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="Run these variants only.")
+    p.add_argument("--from_threshold", type=Path,
+                   help="A finished threshold-head run: generator variants start from its encoder and use its "
+                        "tokenizer (the two-stage recipe).")  # fmt: skip
     args = p.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_threshold is not None and not (args.from_threshold / "model.safetensors").is_file():
+        p.error(f"--from_threshold {args.from_threshold}: no model.safetensors there (a finished threshold run).")
     data = load_multilabel_dataset(validation_fraction=VALIDATION_FRACTION, seed=SEED)
-    tokenizer_dir = out / "tokenizer"
+    tokenizer_dir = args.from_threshold or out / "tokenizer"
     if not tokenizer_dir.is_dir():
         tokenizer = train_tokenizer(list(data["train"]["text"]), vocab_size=RECIPE["vocab_size"],
                                     model_max_length=RECIPE["max_length"])  # fmt: skip

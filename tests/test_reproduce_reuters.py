@@ -51,3 +51,19 @@ def test_reproduce_reuters_writes_the_comparison(tmp_path):
     tuned = info["seq2seq_ensemble_decoding_bias"]
     assert tuned["micro_f1"] >= tuned["unbiased_micro_f1"]
     assert tuned["micro_f1"] == pytest.approx(info["seq2seq_ensemble_validation"]["micro_f1"])
+
+
+def test_two_stage_ablation_settings():
+    """benchmarks/reuters_ablations.py --from_threshold: generator variants are the reproduction's
+    two-stage generator settings (encoder from the given run, dropout 0, its epochs) plus the change."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.reuters_ablations import variant_settings
+    from examples.reproduce_reuters import FROM_THRESHOLD, PER_SYSTEM, RECIPE
+
+    folder = Path("runs/threshold")
+    baseline = variant_settings("generation", {}, folder)
+    assert baseline["init_encoder_from"] == folder
+    assert baseline["dropout"] == PER_SYSTEM["seq2seq"]["dropout"] and baseline["epochs"] == FROM_THRESHOLD["epochs"]
+    assert variant_settings("generation", {"decoder_layers": 2}, folder) == {**baseline, "decoder_layers": 2}
+    assert variant_settings("threshold", {}, folder) == RECIPE  # the threshold head trains from scratch
+    assert variant_settings("generation", {}, None) == RECIPE  # single-stage ablations, as before
