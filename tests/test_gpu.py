@@ -155,3 +155,29 @@ def assert_same_decoding(graphed, plain) -> None:
     assert torch.equal(graphed[0][:, :width], plain[0])
     torch.testing.assert_close(graphed[1][:, :width], plain[1])
     assert (graphed[0][:, width:] == 0).all() and (graphed[1][:, width:] == 0).all()
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_unpadded_encoder_matches_the_padded_one_on_cuda(dtype, atol):
+    """The padding-free encoder on CUDA (index ops, bf16) gives the padded encoder's real positions,
+    and stands aside while a CUDA graph is captured (its token count is data dependent)."""
+    from modeling.modeling_labelformer import token_packing
+
+    torch.manual_seed(0)
+    model = LabelformerForConditionalGeneration(tiny_config()).to(CUDA, dtype).eval()
+    model.config._attn_implementation = "sdpa"
+    ids, mask = padded_batch()
+    outputs = {}
+    for unpad in (True, False):
+        model.config.unpad_encoder = unpad
+        with torch.no_grad():
+            outputs[unpad] = model.get_encoder()(ids, mask).last_hidden_state.float()
+    real = mask.bool()
+    torch.testing.assert_close(outputs[True][real], outputs[False][real], atol=atol, rtol=atol)
+    assert outputs[True][~real].abs().max() == 0
+    model.config.unpad_encoder = True
+    seen = []
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seen.append(token_packing(model.config, mask))
+    assert seen == [None]
