@@ -686,14 +686,16 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
             training_args=training_args,
         )
         card.save(out / "README.md")
+        tested = bool(results)  # False with --skip_test (or no test split)
         if decoding_bias is not None:
             results["decoding_bias"] = decoding_bias
         if results:
             write_json(results, out / "test_metrics.json")
+        if tested:
             (out / "per_label_metrics.md").write_text(per_label_table(predictions, references, labels))
         write_json(state["history"], out / "history.json")
         plot_training_curve(state["history"], out / "training_curve.png")
-        if results:
+        if tested:
             accelerator.print("\nTest metrics:")
             for key in METRIC_KEYS:
                 accelerator.print(f"  {key:16s} {results[key]:.4f}")

@@ -280,3 +280,18 @@ def test_encoder_lr_scale_gives_the_encoder_its_own_learning_rate(head):
     one_rate = argparse.Namespace(**{**vars(args), "encoder_lr_scale": 1.0})
     default = script.make_optimizer(model, one_rate, torch.device("cpu"))
     assert [g["weight_decay"] for g in default.param_groups] == [0.01, 0.0]  # the layout of older checkpoints
+
+
+@pytest.mark.parametrize("head", ["generation", "threshold"])
+def test_skip_test_leaves_the_test_split_alone_and_still_saves_everything(tmp_path, data_files, tokenizer_dir, head):
+    """--skip_test (tuning runs): no test metrics, but the model, history and (generator) fitted bias."""
+    out = tmp_path / head
+    proc = run([*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "1",
+                "--head", head, "--output_dir", str(out), "--skip_test"])  # fmt: skip
+    assert "Test metrics" not in proc.stdout
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text()) if "epoch" in h] == [1]
+    assert (out / "model.safetensors").is_file() and not (out / "per_label_metrics.md").exists()
+    if head == "generation":  # only the decoding bias fit on validation
+        assert set(json.loads((out / "test_metrics.json").read_text())) == {"decoding_bias"}
+    else:
+        assert not (out / "test_metrics.json").exists()
