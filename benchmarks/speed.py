@@ -200,15 +200,15 @@ def main(argv: list[str] | None = None) -> int:
             steps["padded encoder"] = without_unpadding(models["labelformer"], steps["labelformer"])
         times = timed_side_by_side(steps, device, args.repeats)
         memory = {name: peak_memory(device, step) for name, step in steps.items()}
-        if padded:
-            add("  same, Labelformer with unpad_encoder=False", f"b{batch_size} s{src} t{tgt}",
-                times["padded encoder"], times["bart"])  # fmt: skip
-            unpad_gains.append(times["padded encoder"] / times["labelformer"])
         tokens = int(mask.sum()) + batch_size * tgt
         padding = f", {1 - mask.float().mean().item():.0%} padding" if padded else ""
         add(f"train step{padding}", f"b{batch_size} s{src} t{tgt}", times["labelformer"], times["bart"], {
             "labelformer_tokens_per_s": tokens / times["labelformer"], "bart_tokens_per_s": tokens / times["bart"],
             "labelformer_peak_mib": memory["labelformer"], "bart_peak_mib": memory["bart"]})  # fmt: skip
+        if padded:
+            add("  same, Labelformer with unpad_encoder=False", f"b{batch_size} s{src} t{tgt}",
+                times["padded encoder"], times["bart"])  # fmt: skip
+            unpad_gains.append(times["padded encoder"] / times["labelformer"])
         (padded_ratios if padded else train_ratios).append(times["bart"] / times["labelformer"])
 
     # ---- generation
