@@ -96,13 +96,6 @@ def _wall(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in seconds (after ``warmup`` calls)."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(_wall(fn, device) for _ in range(repeats))
-
-
 def timed_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
                        warmup: int = 2) -> dict[str, float]:  # fmt: skip
     """Median wall time of each of ``fns``, called in turn each repeat so that a machine that speeds
@@ -115,6 +108,11 @@ def timed_side_by_side(fns: dict[str, Callable[[], object]], device: torch.devic
         for name, fn in fns.items():
             times[name].append(_wall(fn, device))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in seconds (after ``warmup`` calls)."""
+    return timed_side_by_side({"fn": fn}, device, repeats, warmup)["fn"]
 
 
 def peak_memory(device: torch.device, fn: Callable[[], object]) -> float | None:
