@@ -17,6 +17,9 @@
 # "svm": {...}}, each with micro_f1, macro_f1, example_f1, subset_accuracy, hamming_loss),
 # DIR/run_info.json (times, machine, settings, each seq2seq member's own test scores) and the
 # models in DIR/seq2seq (seed 42; more members in DIR/seq2seq_seed43, ...) and DIR/threshold.
+# Variants: --set seq2seq.decoder_layers=2 (one head) or --set learning_rate=5e-4 (every head)
+# changes the recipe; --threshold_from OLD_DIR reuses an earlier run's threshold head and
+# tokenizer, so a generator variant costs only the generator's training.
 # On 2 CPU cores it finishes within an hour; on one GPU in a few minutes.
 ########################################################################
 """
@@ -140,8 +143,9 @@ def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path, seed:
     member = system == "seq2seq" and args.seq2seq_seeds > 1
     settings = {**RECIPE, **PER_SYSTEM.get(system, {}), **(FROM_THRESHOLD if two_stage else {}),
                 **(ENSEMBLE_MEMBER if member else {}), **({"epochs": args.epochs} if args.epochs else {})}  # fmt: skip
+    settings.update(args.overrides.get(system, {}))
     if two_stage:
-        settings["init_encoder_from"] = Path(args.output_dir) / "threshold"
+        settings["init_encoder_from"] = threshold_dir(args)
     out = out or Path(args.output_dir) / system
     command = [
         *shlex.split(args.launcher), *train_arguments(HEAD_OF[system], out, tokenizer_dir, settings, seed),
@@ -151,6 +155,39 @@ def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path, seed:
     logger.info("training %s (seed %d): %s", system, seed, shlex.join(command))
     subprocess.run(command, check=True)
     return json.loads((out / "test_metrics.json").read_text())
+
+
+def threshold_dir(args: argparse.Namespace) -> Path:
+    """The threshold head the seq2seq head starts from: this run's, or a reused one (``--threshold_from``)."""
+    return Path(args.threshold_from or args.output_dir) / "threshold"
+
+
+def parse_overrides(items: list[str], systems: tuple[str, ...] = SYSTEMS) -> dict[str, dict[str, Any]]:
+    """``--set`` items (``key=value`` for every neural head, ``system.key=value`` for one) by system.
+
+    Values are read as JSON where they parse (``2``, ``0.5``, ``true``), else kept as strings.
+    Raises ``ValueError`` naming the item when it has no ``=``, an unknown system, or an unknown key.
+    """
+    overrides: dict[str, dict[str, Any]] = {s: {} for s in systems if s in HEAD_OF}
+    known = {*RECIPE, *FROM_THRESHOLD, *ENSEMBLE_MEMBER}
+    for item in items:
+        target, sep, raw = item.partition("=")
+        if not sep or not target:
+            raise ValueError(f"--set {item!r}: expected key=value or system.key=value, e.g. seq2seq.decoder_layers=2.")
+        system, dot, key = target.rpartition(".")
+        if dot and system not in overrides:
+            raise ValueError(f"--set {item!r}: unknown system {system!r}; choose from {sorted(overrides)}.")
+        if key not in known:
+            raise ValueError(f"--set {item!r}: {key!r} is not a recipe setting; known: {sorted(known)}.")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if dot and key == "vocab_size":
+            raise ValueError(f"--set {item!r}: the heads share one tokenizer; set vocab_size=N for all of them.")
+        for name in [system] if dot else overrides:
+            overrides[name][key] = value
+    return overrides
 
 
 def evaluate_ensemble(folders: list[Path], data, labels: list[str], num_beams: int, cpu: bool) -> dict[str, Any]:
@@ -217,7 +254,19 @@ def main(argv: list[str] | None = None) -> int:
         "--seq2seq_seeds", type=int, default=SEQ2SEQ_SEEDS,
         help="Train the seq2seq head with this many seeds and report them as an ensemble (1 = a single model).",
     )  # fmt: skip
-    p.add_argument("--train_args", default="", help="Extra flags for train_multilabel.py (ablations), quoted.")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="[SYSTEM.]KEY=VALUE",
+        help="Change one recipe setting (repeatable), for every neural head or one system: "
+        "--set seq2seq.decoder_layers=2 --set learning_rate=5e-4. Recorded in run_info.json.",
+    )  # fmt: skip
+    p.add_argument(
+        "--threshold_from", metavar="DIR",
+        help="Reuse the threshold head and tokenizer of an earlier run's output dir (DIR/threshold, DIR/tokenizer) "
+        "instead of training them: the seq2seq head starts from it and its test scores are read from there.",
+    )  # fmt: skip
+    p.add_argument(
+        "--train_args", default="", help="Extra flags for train_multilabel.py, quoted; they come last and win."
+    )
     p.add_argument(
         "--launcher", default=shlex.join([sys.executable]),
         help="How to start train_multilabel.py, e.g. 'accelerate launch --multi_gpu --num_processes 4'.",
@@ -227,6 +276,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seq2seq_seeds < 1:
         p.error(f"--seq2seq_seeds must be >= 1, got {args.seq2seq_seeds}.")
+    set_items = args.overrides
+    try:
+        args.overrides = parse_overrides(set_items)
+    except ValueError as error:
+        p.error(str(error))
+    if args.threshold_from:
+        reused = Path(args.threshold_from)
+        missing = [str(reused / f) for f in ("threshold/model.safetensors", "threshold/test_metrics.json", "tokenizer")]
+        missing = [f for f in missing if not Path(f).exists()]
+        if missing:
+            p.error(f"--threshold_from {reused}: not a finished reproduce_reuters.py output dir (missing {missing}).")
+        if any(item.startswith("threshold.") or item.startswith("vocab_size=") for item in set_items):
+            p.error("--threshold_from reuses a finished threshold head and its tokenizer: drop threshold.* and "
+                    "vocab_size --set items.")  # fmt: skip
+        if args.seq2seq_init != "threshold":
+            p.error("--threshold_from only makes sense with --seq2seq_init threshold (the default).")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.max_train_samples:
         args.train_args += f" --max_train_samples {args.max_train_samples}"
@@ -237,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() and not args.cpu else ""),
         "recipe": RECIPE,
+        **({"set": set_items} if set_items else {}),
+        **({"threshold_from": str(args.threshold_from)} if args.threshold_from else {}),
         "seed": SEED,
         "seq2seq_seeds": args.seq2seq_seeds,
         "seconds": {},
@@ -252,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         len(data["train"]), len(data["validation"]), len(data["test"]), len(labels),
     )  # fmt: skip
 
+    if args.threshold_from and "threshold" not in args.systems:
+        args.systems.append("threshold")
     if args.seq2seq_init == "threshold" and "seq2seq" in args.systems:
         if "threshold" not in args.systems:
             raise SystemExit("--seq2seq_init threshold needs 'threshold' in --systems too (or --seq2seq_init scratch).")
@@ -260,10 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     neural = [s for s in args.systems if s in HEAD_OF]
     if neural:  # one tokenizer for all heads, trained on the training split only
         tick = time.time()
-        tokenizer_dir = out / "tokenizer"
-        tokenizer = train_tokenizer(list(data["train"]["text"]), vocab_size=RECIPE["vocab_size"],
-                                    model_max_length=RECIPE["max_length"])  # fmt: skip
-        save_tokenizer(tokenizer, tokenizer_dir)
+        if args.threshold_from:  # the reused threshold head's tokenizer
+            tokenizer_dir = Path(args.threshold_from) / "tokenizer"
+        else:
+            tokenizer_dir = out / "tokenizer"
+            vocab_size = args.overrides["seq2seq"].get("vocab_size", RECIPE["vocab_size"])  # global --set only
+            tokenizer = train_tokenizer(list(data["train"]["text"]), vocab_size=vocab_size,
+                                        model_max_length=RECIPE["max_length"])  # fmt: skip
+            save_tokenizer(tokenizer, tokenizer_dir)
         info["seconds"]["tokenizer"] = round(time.time() - tick, 1)
     for system in args.systems:
         tick = time.time()
@@ -272,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if system == "seq2seq":
                 results.update(train_seq2seq(args, tokenizer_dir, data, labels, info))
+            elif system == "threshold" and args.threshold_from:  # measured by the earlier run
+                metrics = json.loads((threshold_dir(args) / "test_metrics.json").read_text())
+                results[system] = {k: metrics[k] for k in METRIC_KEYS}
             else:
                 metrics = train_head(system, args, tokenizer_dir)
                 results[system] = {k: metrics[k] for k in METRIC_KEYS}

@@ -15,17 +15,22 @@ TINY = ("--d_model 32 --ffn_dim 64 --attention_heads 2 --encoder_layers 1 --deco
         "--eval_batch_size 128 --num_beams 2")  # fmt: skip
 
 
-def test_reproduce_reuters_writes_the_comparison(tmp_path):
-    pytest.importorskip("sklearn")
-    out = tmp_path / "reuters"
+def run_reproduce(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """reproduce_reuters.py on 300 training documents, one epoch, the tiny model; must succeed."""
     command = [
         sys.executable, str(ROOT / "examples" / "reproduce_reuters.py"), "--output_dir", str(out),
-        "--max_train_samples", "300", "--epochs", "1", "--seq2seq_init", "threshold", "--no_progress",
-        "--train_args", TINY,
+        "--max_train_samples", "300", "--epochs", "1", "--no_progress", "--train_args", TINY, *flags,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_reproduce_reuters_writes_the_comparison(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "reuters"
+    proc = run_reproduce(out, "--seq2seq_init", "threshold")
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"seq2seq_greedy", "seq2seq_beam", "threshold", "svm"}
     for name, metrics in results.items():
@@ -52,6 +57,23 @@ def test_reproduce_reuters_writes_the_comparison(tmp_path):
     assert tuned["micro_f1"] >= tuned["unbiased_micro_f1"]
     assert tuned["micro_f1"] == pytest.approx(info["seq2seq_ensemble_validation"]["micro_f1"])
 
+    # a generator variant on the finished run's threshold head and tokenizer: nothing of those retrained
+    variant = tmp_path / "variant"
+    run_reproduce(variant, "--threshold_from", str(out), "--set", "seq2seq.label_order=alphabetical",
+                  "--set", "warmup_ratio=0.1", "--systems", "seq2seq", "--seq2seq_seeds", "1")  # fmt: skip
+    assert not (variant / "threshold").exists() and not (variant / "tokenizer").exists()
+    variant_results = json.loads((variant / "results.json").read_text())
+    assert set(variant_results) == {"seq2seq_greedy", "seq2seq_beam", "threshold"}
+    assert variant_results["threshold"] == {k: results["threshold"][k] for k in variant_results["threshold"]}
+    variant_args = json.loads((variant / "seq2seq" / "training_args.json").read_text())
+    assert variant_args["label_order"] == "alphabetical" and variant_args["warmup_ratio"] == 0.1
+    assert json.loads((out / "seq2seq" / "training_args.json").read_text())["label_order"] == "frequency"
+    assert Path(variant_args["init_encoder_from"]) == out / "threshold"
+    assert Path(variant_args["tokenizer_name_or_path"]) == out / "tokenizer"
+    variant_info = json.loads((variant / "run_info.json").read_text())
+    assert variant_info["set"] == ["seq2seq.label_order=alphabetical", "warmup_ratio=0.1"]
+    assert variant_info["threshold_from"] == str(out)
+
 
 def test_two_stage_ablation_settings():
     """benchmarks/reuters_ablations.py --from_threshold: generator variants are the reproduction's
@@ -67,3 +89,18 @@ def test_two_stage_ablation_settings():
     assert variant_settings("generation", {"decoder_layers": 2}, folder) == {**baseline, "decoder_layers": 2}
     assert variant_settings("threshold", {}, folder) == RECIPE  # the threshold head trains from scratch
     assert variant_settings("generation", {}, None) == RECIPE  # single-stage ablations, as before
+
+
+def test_recipe_overrides_are_checked():
+    """--set: key=value for every neural head, system.key=value for one; typos are errors, not no-ops."""
+    sys.path.insert(0, str(ROOT))
+    from examples.reproduce_reuters import parse_overrides
+
+    overrides = parse_overrides(["seq2seq.decoder_layers=2", "learning_rate=5e-4", "label_order=alphabetical"])
+    assert overrides["seq2seq"] == {"decoder_layers": 2, "learning_rate": 5e-4, "label_order": "alphabetical"}
+    assert overrides["threshold"] == {"learning_rate": 5e-4, "label_order": "alphabetical"}
+    bad = [("decoder_layers", "key=value"), ("svm.C=4", "unknown system"),
+           ("seq2seq.decoder_layer=2", "not a recipe setting"), ("seq2seq.vocab_size=8000", "tokenizer")]  # fmt: skip
+    for item, message in bad:
+        with pytest.raises(ValueError, match=message):
+            parse_overrides([item])
