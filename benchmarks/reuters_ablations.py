@@ -76,6 +76,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "decoder_layers=2": ("generation", {"decoder_layers": 2}),
     "epochs=6": ("generation", {"epochs": 6}),
     "seed=43": ("generation", {"seed": 43}),
+    "threshold, learning_rate=2e-3": ("threshold", {"learning_rate": 2e-3}),
+    "encoder_lr_scale=0.3": ("generation", {"encoder_lr_scale": 0.3}),
 }  # fmt: skip
 
 

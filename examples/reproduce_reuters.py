@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +164,31 @@ def threshold_dir(args: argparse.Namespace) -> Path:
     return Path(args.threshold_from or args.output_dir) / "threshold"
 
 
+# train_multilabel.py flags this script sets itself; --set may not change them.
+FIXED_FLAGS = {"head", "output_dir", "overwrite_output_dir", "tokenizer_name_or_path", "seed", "split_seed",
+               "validation_fraction", "show_examples", "report_to", "init_encoder_from", "preset", "train_file",
+               "validation_file", "test_file", "dataset_name", "skip_test"}  # fmt: skip
+
+
+def settable_flags() -> set[str]:
+    """The settings of train_multilabel.py's command line (``--key``), less those this script fixes."""
+    spec = importlib.util.spec_from_file_location("train_multilabel", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    actions = module.build_parser()._actions
+    return {a.dest for a in actions if a.option_strings and a.dest != "help"} - FIXED_FLAGS
+
+
 def parse_overrides(items: list[str], systems: tuple[str, ...] = SYSTEMS) -> dict[str, dict[str, Any]]:
     """``--set`` items (``key=value`` for every neural head, ``system.key=value`` for one) by system.
 
-    Values are read as JSON where they parse (``2``, ``0.5``, ``true``), else kept as strings.
-    Raises ``ValueError`` naming the item when it has no ``=``, an unknown system, or an unknown key.
+    A key is any train_multilabel.py setting (the recipe's and others, e.g. ``encoder_lr_scale``) but
+    the ones this script fixes. Values are read as JSON where they parse (``2``, ``0.5``, ``true``),
+    else kept as strings. Raises ``ValueError`` naming the item when it has no ``=``, an unknown
+    system, or an unknown or fixed key.
     """
     overrides: dict[str, dict[str, Any]] = {s: {} for s in systems if s in HEAD_OF}
-    known = {*RECIPE, *FROM_THRESHOLD, *ENSEMBLE_MEMBER}
+    known = settable_flags()
     for item in items:
         target, sep, raw = item.partition("=")
         if not sep or not target:
@@ -177,8 +196,12 @@ def parse_overrides(items: list[str], systems: tuple[str, ...] = SYSTEMS) -> dic
         system, dot, key = target.rpartition(".")
         if dot and system not in overrides:
             raise ValueError(f"--set {item!r}: unknown system {system!r}; choose from {sorted(overrides)}.")
+        if key in FIXED_FLAGS:
+            raise ValueError(f"--set {item!r}: this script sets --{key} itself (split, seeds, folders, tokenizer).")
         if key not in known:
-            raise ValueError(f"--set {item!r}: {key!r} is not a recipe setting; known: {sorted(known)}.")
+            close = get_close_matches(key, known, n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see examples/train_multilabel.py --help."
+            raise ValueError(f"--set {item!r}: {key!r} is not a train_multilabel.py setting; {hint}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:

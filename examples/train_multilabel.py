@@ -725,7 +725,8 @@ def _last_checkpoint(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (``parse_args`` adds the presets, defaults and checks)."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -805,6 +806,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--show_examples", type=int, default=5)
     g.add_argument("--skip_test", action="store_true", help="Do not touch the test split (for tuning runs).")
     g.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     settings = {**DEFAULTS, **PRESETS.get(args.preset, {})}
     for key, value in settings.items():

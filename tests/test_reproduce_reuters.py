@@ -99,8 +99,10 @@ def test_recipe_overrides_are_checked():
     overrides = parse_overrides(["seq2seq.decoder_layers=2", "learning_rate=5e-4", "label_order=alphabetical"])
     assert overrides["seq2seq"] == {"decoder_layers": 2, "learning_rate": 5e-4, "label_order": "alphabetical"}
     assert overrides["threshold"] == {"learning_rate": 5e-4, "label_order": "alphabetical"}
+    assert parse_overrides(["seq2seq.encoder_lr_scale=0.3"])["seq2seq"] == {"encoder_lr_scale": 0.3}  # not in RECIPE
     bad = [("decoder_layers", "key=value"), ("svm.C=4", "unknown system"),
-           ("seq2seq.decoder_layer=2", "not a recipe setting"), ("seq2seq.vocab_size=8000", "tokenizer")]  # fmt: skip
+           ("seq2seq.decoder_layer=2", "did you mean decoder_layers"), ("seq2seq.vocab_size=8000", "tokenizer"),
+           ("seed=1", "sets --seed itself")]  # fmt: skip
     for item, message in bad:
         with pytest.raises(ValueError, match=message):
             parse_overrides([item])
