@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="[SYSTEM.]KEY=VALUE",
-        help="Change one recipe setting (repeatable), for every neural head or one system: "
-        "--set seq2seq.decoder_layers=2 --set learning_rate=5e-4. Recorded in run_info.json.",
+        help="Change a train_multilabel.py setting of the recipe (repeatable), for every neural head or one "
+        "system: --set seq2seq.decoder_layers=2 --set learning_rate=5e-4. Recorded in run_info.json.",
     )  # fmt: skip
     p.add_argument(
         "--threshold_from", metavar="DIR",
