@@ -30,11 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from examples.reproduce_reuters import (  # noqa: E402
-    FROM_THRESHOLD,
-    PER_SYSTEM,
     RECIPE,
     SEED,
     VALIDATION_FRACTION,
+    system_settings,
     train_arguments,
 )
 from modeling import load_multilabel_dataset, train_tokenizer  # noqa: E402
@@ -86,7 +85,7 @@ def variant_settings(head: str, changes: dict, from_threshold: Path | None) -> d
     if from_threshold is None or head == "threshold":
         return {**RECIPE, **changes}
     system = "seq2seq" if head == "generation" else head
-    return {**RECIPE, **PER_SYSTEM.get(system, {}), **FROM_THRESHOLD, "init_encoder_from": from_threshold, **changes}
+    return {**system_settings(system, from_threshold), **changes}
 
 
 def run_variant(name: str, head: str, changes: dict, args, tokenizer_dir: Path) -> dict:

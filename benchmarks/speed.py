@@ -144,11 +144,11 @@ def without_unpadding(model, step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with ``model.config.unpad_encoder`` off (the encoder computes padding positions too)."""
 
     def padded_step() -> None:
-        model.config.unpad_encoder = False
+        before, model.config.unpad_encoder = model.config.unpad_encoder, False
         try:
             step()
         finally:
-            model.config.unpad_encoder = True
+            model.config.unpad_encoder = before
 
     return padded_step
 

@@ -138,16 +138,22 @@ def train_arguments(head: str, out: Path, tokenizer_dir: Path, settings: dict[st
     ]  # fmt: skip
 
 
+def system_settings(system: str, encoder_from: Path | None = None) -> dict[str, Any]:
+    """The recipe for one system; with ``encoder_from`` (a threshold-head folder), its two-stage form."""
+    settings = {**RECIPE, **PER_SYSTEM.get(system, {})}
+    if encoder_from is not None:
+        settings.update(FROM_THRESHOLD, init_encoder_from=encoder_from)
+    return settings
+
+
 def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path, seed: int = SEED,
                out: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Run examples/train_multilabel.py for one head and seed (in its own process) and read its test metrics."""
     two_stage = system == "seq2seq" and args.seq2seq_init == "threshold"
     member = system == "seq2seq" and args.seq2seq_seeds > 1
-    settings = {**RECIPE, **PER_SYSTEM.get(system, {}), **(FROM_THRESHOLD if two_stage else {}),
-                **(ENSEMBLE_MEMBER if member else {}), **({"epochs": args.epochs} if args.epochs else {})}  # fmt: skip
-    settings.update(args.overrides.get(system, {}))
-    if two_stage:
-        settings["init_encoder_from"] = threshold_dir(args)
+    settings = {**system_settings(system, threshold_dir(args) if two_stage else None),
+                **(ENSEMBLE_MEMBER if member else {}), **({"epochs": args.epochs} if args.epochs else {}),
+                **args.overrides.get(system, {})}  # fmt: skip
     out = out or Path(args.output_dir) / system
     command = [
         *shlex.split(args.launcher), *train_arguments(HEAD_OF[system], out, tokenizer_dir, settings, seed),
@@ -202,12 +208,12 @@ def parse_overrides(items: list[str], systems: tuple[str, ...] = SYSTEMS) -> dic
             close = get_close_matches(key, known, n=3)
             hint = f"did you mean {' or '.join(close)}?" if close else "see examples/train_multilabel.py --help."
             raise ValueError(f"--set {item!r}: {key!r} is not a train_multilabel.py setting; {hint}")
+        if dot and key == "vocab_size":
+            raise ValueError(f"--set {item!r}: the heads share one tokenizer; set vocab_size=N for all of them.")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        if dot and key == "vocab_size":
-            raise ValueError(f"--set {item!r}: the heads share one tokenizer; set vocab_size=N for all of them.")
         for name in [system] if dot else overrides:
             overrides[name][key] = value
     return overrides
