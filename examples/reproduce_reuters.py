@@ -5,7 +5,8 @@
 # One command trains and evaluates, on the same split of the embedded data set:
 #   - seq2seq:    the label-sequence generation head, trained with --seq2seq_seeds seeds (default 3)
 #                 that decode together as a LabelformerEnsemble (test with greedy and beam search);
-#   - threshold:  the sigmoid threshold head on the same backbone and recipe;
+#   - threshold:  the sigmoid threshold head on the same backbone and recipe (one seed; with
+#                 --threshold_seeds N, N seeds voting together: the fair match for the ensemble);
 #   - svm:        tf-idf + LinearSVC, one-vs-rest (needs scikit-learn: pip install ".[svm]");
 #   - parallel:   the parallel (one-pass) label decoder, with --systems ... parallel.
 # The validation split is carved from the 7,770 training documents with a fixed seed; every
@@ -228,9 +229,10 @@ def evaluate_ensemble(folders: list[Path], data, labels: list[str], num_beams: i
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     ensemble = LabelformerEnsemble.from_pretrained(folders).to(device)
     tokenizer = AutoTokenizer.from_pretrained(folders[0])
+    max_length = trained_max_length(folders[0])
 
     def predict(split: str, beams: int = 1) -> list[list[str]]:
-        return predict_texts(ensemble, tokenizer, list(data[split]["text"]), num_beams=beams)
+        return predict_texts(ensemble, tokenizer, list(data[split]["text"]), num_beams=beams, max_length=max_length)
 
     def scores(split: str, beams: int) -> dict[str, float]:
         return evaluate_predictions(predict(split, beams), data[split]["labels"], labels)
@@ -243,6 +245,71 @@ def evaluate_ensemble(folders: list[Path], data, labels: list[str], num_beams: i
         "greedy": scores("test", 1),
         "beam": {"num_beams": num_beams, **scores("test", num_beams)},
     }
+
+
+def trained_max_length(folder: Path) -> int | None:
+    """The ``--max_length`` a train_multilabel.py run truncated its documents to (None if not recorded)."""
+    path = Path(folder) / "training_args.json"
+    return json.loads(path.read_text()).get("max_length") if path.is_file() else None
+
+
+def label_matrix(label_sets: list[list[str]], labels: list[str]) -> torch.Tensor:
+    """``[n, L]`` 0/1 targets over ``labels`` (labels outside the list are left out)."""
+    index = {label: i for i, label in enumerate(labels)}
+    targets = torch.zeros(len(label_sets), len(labels))
+    for row, names in enumerate(label_sets):
+        for name in names:
+            if name in index:
+                targets[row, index[name]] = 1.0
+    return targets
+
+
+@torch.no_grad()
+def evaluate_threshold_ensemble(folders: list[Path], data, labels: list[str], cpu: bool,
+                                batch_size: int = 64) -> dict[str, Any]:  # fmt: skip
+    """Test (and validation) metrics of threshold heads voting together (mean probabilities).
+
+    The ensemble's threshold is fit on the validation split (as each member's was), then the test set
+    is read once.
+    """
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    ensemble = LabelformerEnsemble.from_pretrained(folders).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folders[0])
+    max_length = trained_max_length(folders[0]) or RECIPE["max_length"]
+    texts = list(data["validation"]["text"])
+    probs = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
+                          padding=True, return_tensors="pt").to(device)  # fmt: skip
+        probs.append(ensemble.label_probabilities(batch["input_ids"], batch["attention_mask"]).cpu())
+    ensemble_labels = [ensemble.config.id2label[i] for i in range(len(ensemble.config.id2label))]
+    targets = label_matrix(list(data["validation"]["labels"]), ensemble_labels)
+    threshold, _ = ensemble.tune_threshold(torch.cat(probs), targets)
+
+    def scores(split: str) -> dict[str, float]:
+        predictions = predict_texts(ensemble, tokenizer, list(data[split]["text"]), max_length=max_length)
+        return evaluate_predictions(predictions, data[split]["labels"], labels)
+
+    return {"threshold": threshold, "validation": scores("validation"), "test": scores("test")}
+
+
+def train_threshold(args: argparse.Namespace, tokenizer_dir: Path, data, labels: list[str], info: dict) -> dict:
+    """Train the threshold head (DIR/threshold, seed 42; with ``--threshold_seeds N`` also DIR/threshold_seed43, ...).
+
+    Returns the test metrics of the one model, or of the members voting together; each member's own
+    test metrics go to ``info["threshold_members"]``. The seq2seq head starts from DIR/threshold.
+    """
+    folders = [Path(args.output_dir) / ("threshold" if i == 0 else f"threshold_seed{SEED + i}")
+               for i in range(args.threshold_seeds)]  # fmt: skip
+    members = [train_head("threshold", args, tokenizer_dir, SEED + i, folder) for i, folder in enumerate(folders)]
+    if len(members) == 1:
+        return {k: members[0][k] for k in METRIC_KEYS}
+    info["threshold_members"] = [{"seed": SEED + i, "folder": folder.name, **{k: m[k] for k in METRIC_KEYS}}
+                                 for i, (folder, m) in enumerate(zip(folders, members))]  # fmt: skip
+    ensemble = evaluate_threshold_ensemble(folders, data, labels, args.cpu)
+    info["threshold_ensemble_validation"] = ensemble["validation"]
+    info["threshold_ensemble_threshold"] = ensemble["threshold"]
+    return ensemble["test"]
 
 
 def train_seq2seq(args: argparse.Namespace, tokenizer_dir: Path, data, labels: list[str], info: dict) -> dict:
@@ -284,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         help="Train the seq2seq head with this many seeds and report them as an ensemble (1 = a single model).",
     )  # fmt: skip
     p.add_argument(
+        "--threshold_seeds", type=int, default=1,
+        help="Train the threshold head with this many seeds and report them voting together (mean probabilities, "
+        "threshold fit on validation): the fair match for a seq2seq ensemble. The seq2seq head starts from seed 42's.",
+    )  # fmt: skip
+    p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="[SYSTEM.]KEY=VALUE",
         help="Change a train_multilabel.py setting of the recipe (repeatable), for every neural head or one "
         "system: --set seq2seq.decoder_layers=2 --set learning_rate=5e-4. Recorded in run_info.json.",
@@ -303,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="Train on the CPU even if a GPU is present.")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    if args.seq2seq_seeds < 1:
-        p.error(f"--seq2seq_seeds must be >= 1, got {args.seq2seq_seeds}.")
+    for flag in ("seq2seq_seeds", "threshold_seeds"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     set_items = args.overrides
     try:
         args.overrides = parse_overrides(set_items)
@@ -321,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                     "vocab_size --set items.")  # fmt: skip
         if args.seq2seq_init != "threshold":
             p.error("--threshold_from only makes sense with --seq2seq_init threshold (the default).")
+        if args.threshold_seeds > 1:
+            p.error("--threshold_from reuses a finished threshold head and its scores: drop --threshold_seeds.")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.max_train_samples:
         args.train_args += f" --max_train_samples {args.max_train_samples}"
@@ -335,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         **({"threshold_from": str(args.threshold_from)} if args.threshold_from else {}),
         "seed": SEED,
         "seq2seq_seeds": args.seq2seq_seeds,
+        "threshold_seeds": args.threshold_seeds,
         "seconds": {},
     }
 
@@ -377,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
             elif system == "threshold" and args.threshold_from:  # measured by the earlier run
                 metrics = json.loads((threshold_dir(args) / "test_metrics.json").read_text())
                 results[system] = {k: metrics[k] for k in METRIC_KEYS}
+            elif system == "threshold":
+                results[system] = train_threshold(args, tokenizer_dir, data, labels, info)
             else:
                 metrics = train_head(system, args, tokenizer_dir)
                 results[system] = {k: metrics[k] for k in METRIC_KEYS}
@@ -386,12 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     write_json(info, out / "run_info.json")
 
     print(f"\nReuters-21578 ApteMod test ({len(data['test'])} documents), {info['machine']}")
-    print(f"{'system':16s} {'micro-F1':>9s} {'macro-F1':>9s} {'example-F1':>10s} {'subset acc':>10s} {'Hamming':>8s}")
+    print(f"{'system':18s} {'micro-F1':>9s} {'macro-F1':>9s} {'example-F1':>10s} {'subset acc':>10s} {'Hamming':>8s}")
     rows = dict(results)
-    if len(info.get("seq2seq_members", [])) > 1:  # the ensemble's members on their own
-        rows.update({f"seq2seq seed {m['seed']}": m for m in info["seq2seq_members"]})
+    for system in ("seq2seq", "threshold"):  # an ensemble's members on their own
+        if len(info.get(f"{system}_members", [])) > 1:
+            rows.update({f"{system} seed {m['seed']}": m for m in info[f"{system}_members"]})
     for name, m in rows.items():
-        print(f"{name:16s} {m['micro_f1']:9.4f} {m['macro_f1']:9.4f} {m['example_f1']:10.4f} "
+        print(f"{name:18s} {m['micro_f1']:9.4f} {m['macro_f1']:9.4f} {m['example_f1']:10.4f} "
               f"{m['subset_accuracy']:10.4f} {m['hamming_loss']:8.4f}")  # fmt: skip
     print(f"\nTimes (s): {info['seconds']}\nWrote {out / 'results.json'}")
     return 0

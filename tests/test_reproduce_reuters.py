@@ -106,3 +106,46 @@ def test_recipe_overrides_are_checked():
     for item, message in bad:
         with pytest.raises(ValueError, match=message):
             parse_overrides([item])
+
+
+def test_threshold_seeds_vote_together(tmp_path):
+    """--threshold_seeds 2: two threshold heads scored by their mean probabilities at a threshold fit on validation."""
+    sys.path.insert(0, str(ROOT))
+    from transformers import AutoTokenizer
+
+    from examples.reproduce_reuters import VALIDATION_FRACTION
+    from modeling import LabelformerEnsemble, compute_multilabel_metrics, load_multilabel_dataset
+
+    out = tmp_path / "reuters"
+    proc = run_reproduce(out, "--systems", "threshold", "--threshold_seeds", "2")
+    info = json.loads((out / "run_info.json").read_text())
+    assert [m["seed"] for m in info["threshold_members"]] == [42, 43] and "threshold seed 43" in proc.stdout
+    assert json.loads((out / "threshold_seed43" / "training_args.json").read_text())["seed"] == 43
+    # recompute the ensemble's test scores from the saved members and the recorded threshold
+    ensemble = LabelformerEnsemble.from_pretrained([out / "threshold", out / "threshold_seed43"])
+    ensemble.config.classifier_threshold = info["threshold_ensemble_threshold"]
+    data = load_multilabel_dataset(validation_fraction=VALIDATION_FRACTION, seed=42, max_train_samples=300)
+    labels = [ensemble.config.id2label[i] for i in range(len(ensemble.config.id2label))]
+    tokenizer = AutoTokenizer.from_pretrained(out / "threshold")
+    predictions = ensemble.predict_labels(list(data["test"]["text"]), tokenizer=tokenizer, max_length=48,
+                                          allow_empty=True)  # fmt: skip
+    expected = compute_multilabel_metrics(predictions, data["test"]["labels"], labels=labels)
+    results = json.loads((out / "results.json").read_text())
+    assert results["threshold"]["micro_f1"] == pytest.approx(expected["micro_f1"])
+    assert results["threshold"]["subset_accuracy"] == pytest.approx(expected["subset_accuracy"])
+    assert 0.0 <= info["threshold_ensemble_validation"]["micro_f1"] <= 1.0
+
+
+def test_seed_counts_are_checked(tmp_path):
+    script = str(ROOT / "examples" / "reproduce_reuters.py")
+    old = tmp_path / "old"  # looks like a finished run to the argument checks
+    for name in ("threshold/model.safetensors", "threshold/test_metrics.json", "tokenizer/tokenizer.json"):
+        (old / name).parent.mkdir(parents=True, exist_ok=True)
+        (old / name).write_text("{}")
+    cases = ((["--threshold_seeds", "0"], "--threshold_seeds must be >= 1"),
+             (["--seq2seq_seeds", "0"], "--seq2seq_seeds must be >= 1"),
+             (["--threshold_from", str(old), "--threshold_seeds", "2"], "drop --threshold_seeds"))  # fmt: skip
+    for flags, message in cases:
+        proc = subprocess.run([sys.executable, script, "--output_dir", str(tmp_path / "x"), *flags],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
