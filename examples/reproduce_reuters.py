@@ -293,15 +293,22 @@ def evaluate_threshold_ensemble(folders: list[Path], data, labels: list[str], cp
     return {"threshold": threshold, "validation": scores("validation"), "test": scores("test")}
 
 
+def train_members(system: str, args: argparse.Namespace, tokenizer_dir: Path, count: int) -> tuple[list[Path], list]:
+    """Train ``count`` seeds (42, 43, ...) of one head on the same split: DIR/<system>, DIR/<system>_seed43, ...
+
+    Returns the folders and each member's test metrics.
+    """
+    folders = [Path(args.output_dir) / (system if i == 0 else f"{system}_seed{SEED + i}") for i in range(count)]
+    return folders, [train_head(system, args, tokenizer_dir, SEED + i, folder) for i, folder in enumerate(folders)]
+
+
 def train_threshold(args: argparse.Namespace, tokenizer_dir: Path, data, labels: list[str], info: dict) -> dict:
     """Train the threshold head (DIR/threshold, seed 42; with ``--threshold_seeds N`` also DIR/threshold_seed43, ...).
 
     Returns the test metrics of the one model, or of the members voting together; each member's own
     test metrics go to ``info["threshold_members"]``. The seq2seq head starts from DIR/threshold.
     """
-    folders = [Path(args.output_dir) / ("threshold" if i == 0 else f"threshold_seed{SEED + i}")
-               for i in range(args.threshold_seeds)]  # fmt: skip
-    members = [train_head("threshold", args, tokenizer_dir, SEED + i, folder) for i, folder in enumerate(folders)]
+    folders, members = train_members("threshold", args, tokenizer_dir, args.threshold_seeds)
     if len(members) == 1:
         return {k: members[0][k] for k in METRIC_KEYS}
     info["threshold_members"] = [{"seed": SEED + i, "folder": folder.name, **{k: m[k] for k in METRIC_KEYS}}
@@ -318,9 +325,7 @@ def train_seq2seq(args: argparse.Namespace, tokenizer_dir: Path, data, labels: l
     Returns ``seq2seq_greedy`` / ``seq2seq_beam`` test metrics: of the ensemble when there are several
     members, else of the one model. Each member's own test metrics go to ``info["seq2seq_members"]``.
     """
-    folders = [Path(args.output_dir) / ("seq2seq" if i == 0 else f"seq2seq_seed{SEED + i}")
-               for i in range(args.seq2seq_seeds)]  # fmt: skip
-    members = [train_head("seq2seq", args, tokenizer_dir, SEED + i, folder) for i, folder in enumerate(folders)]
+    folders, members = train_members("seq2seq", args, tokenizer_dir, args.seq2seq_seeds)
     info["seq2seq_members"] = [{"seed": SEED + i, "folder": folder.name, **metrics}
                                for i, (folder, metrics) in enumerate(zip(folders, members))]  # fmt: skip
     if len(members) == 1:
