@@ -6,7 +6,8 @@
 #   - seq2seq:    the label-sequence generation head, trained with --seq2seq_seeds seeds (default 3)
 #                 that decode together as a LabelformerEnsemble (test with greedy and beam search);
 #   - threshold:  the sigmoid threshold head on the same backbone and recipe (one seed; with
-#                 --threshold_seeds N, N seeds voting together: the fair match for the ensemble);
+#                 --threshold_seeds N, N seeds voting together: the fair match for the ensemble,
+#                 and seq2seq member k starts from threshold member k);
 #   - svm:        tf-idf + LinearSVC, one-vs-rest (needs scikit-learn: pip install ".[svm]");
 #   - parallel:   the parallel (one-pass) label decoder, with --systems ... parallel.
 # The validation split is carved from the 7,770 training documents with a fixed seed; every
@@ -152,7 +153,9 @@ def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path, seed:
     """Run examples/train_multilabel.py for one head and seed (in its own process) and read its test metrics."""
     two_stage = system == "seq2seq" and args.seq2seq_init == "threshold"
     member = system == "seq2seq" and args.seq2seq_seeds > 1
-    settings = {**system_settings(system, threshold_dir(args) if two_stage else None),
+    # with several threshold seeds, generator member k starts from threshold member k (mod their count)
+    encoder_from = threshold_dir(args, (seed - SEED) % getattr(args, "threshold_seeds", 1)) if two_stage else None
+    settings = {**system_settings(system, encoder_from),
                 **(ENSEMBLE_MEMBER if member else {}), **({"epochs": args.epochs} if args.epochs else {}),
                 **args.overrides.get(system, {})}  # fmt: skip
     out = out or Path(args.output_dir) / system
@@ -166,9 +169,11 @@ def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path, seed:
     return json.loads((out / "test_metrics.json").read_text())
 
 
-def threshold_dir(args: argparse.Namespace) -> Path:
-    """The threshold head the seq2seq head starts from: this run's, or a reused one (``--threshold_from``)."""
-    return Path(args.threshold_from or args.output_dir) / "threshold"
+def threshold_dir(args: argparse.Namespace, member: int = 0) -> Path:
+    """A threshold head the seq2seq head starts from: this run's (``member`` k > 0: DIR/threshold_seed<42+k>),
+    or a reused one (``--threshold_from``)."""
+    name = "threshold" if member == 0 else f"threshold_seed{SEED + member}"
+    return Path(args.threshold_from or args.output_dir) / name
 
 
 # train_multilabel.py flags this script sets itself; --set may not change them.
@@ -306,7 +311,7 @@ def train_threshold(args: argparse.Namespace, tokenizer_dir: Path, data, labels:
     """Train the threshold head (DIR/threshold, seed 42; with ``--threshold_seeds N`` also DIR/threshold_seed43, ...).
 
     Returns the test metrics of the one model, or of the members voting together; each member's own
-    test metrics go to ``info["threshold_members"]``. The seq2seq head starts from DIR/threshold.
+    test metrics go to ``info["threshold_members"]``. Seq2seq member k starts from threshold member k.
     """
     folders, members = train_members("threshold", args, tokenizer_dir, args.threshold_seeds)
     if len(members) == 1:
@@ -358,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threshold_seeds", type=int, default=1,
         help="Train the threshold head with this many seeds and report them voting together (mean probabilities, "
-        "threshold fit on validation): the fair match for a seq2seq ensemble. The seq2seq head starts from seed 42's.",
+        "threshold fit on validation): the fair match for a seq2seq ensemble. Seq2seq member k then starts from "
+        "threshold member k (mod N), which makes the generator ensemble more diverse.",
     )  # fmt: skip
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="[SYSTEM.]KEY=VALUE",

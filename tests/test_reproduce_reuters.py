@@ -117,10 +117,14 @@ def test_threshold_seeds_vote_together(tmp_path):
     from modeling import LabelformerEnsemble, compute_multilabel_metrics, load_multilabel_dataset
 
     out = tmp_path / "reuters"
-    proc = run_reproduce(out, "--systems", "threshold", "--threshold_seeds", "2")
+    proc = run_reproduce(out, "--systems", "threshold", "seq2seq", "--threshold_seeds", "2", "--seq2seq_seeds", "3")
     info = json.loads((out / "run_info.json").read_text())
     assert [m["seed"] for m in info["threshold_members"]] == [42, 43] and "threshold seed 43" in proc.stdout
     assert json.loads((out / "threshold_seed43" / "training_args.json").read_text())["seed"] == 43
+    # generator member k starts from threshold member k (mod 2): more diverse members
+    for folder, source in (("seq2seq", "threshold"), ("seq2seq_seed43", "threshold_seed43"),
+                           ("seq2seq_seed44", "threshold")):  # fmt: skip
+        assert Path(json.loads((out / folder / "training_args.json").read_text())["init_encoder_from"]) == out / source
     # recompute the ensemble's test scores from the saved members and the recorded threshold
     ensemble = LabelformerEnsemble.from_pretrained([out / "threshold", out / "threshold_seed43"])
     ensemble.config.classifier_threshold = info["threshold_ensemble_threshold"]
