@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from benchmarks.reuters_ablations import run_variant  # noqa: E402
 from examples.reproduce_reuters import RECIPE, SEED, VALIDATION_FRACTION  # noqa: E402
+from examples.train_multilabel import make_optimizer  # noqa: E402
 from modeling import LabelformerConfig, LabelformerModel, load_multilabel_dataset, train_tokenizer  # noqa: E402
 from modeling.modeling_labelformer import LabelformerEncoder  # noqa: E402
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
@@ -112,14 +113,10 @@ def pretrain_encoder(
     generator = torch.Generator().manual_seed(seed)
     encoder = LabelformerModel(config).encoder  # LabelformerModel applies the library's initialisation
     head = MaskedLMHead(config, encoder.embeddings.embed_tokens)
-    named = dict(encoder.named_parameters())
-    named.update((f"head.{k}", v) for k, v in head.named_parameters() if not k.startswith("embed_tokens."))
-    decay = [p for n, p in named.items() if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in named.items() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
-        lr=learning_rate, betas=(0.9, 0.98),
-    )  # fmt: skip
+    modules = nn.ModuleDict({"encoder": encoder, "head": head})  # the shared embedding counted once
+    # train_multilabel.py's optimizer: AdamW, no weight decay on biases, norms and embeddings
+    settings = SimpleNamespace(learning_rate=learning_rate, weight_decay=0.01, encoder_lr_scale=1.0)
+    optimizer = make_optimizer(modules, settings, torch.device("cpu"))
     steps = epochs * math.ceil(len(windows) / batch_size)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(0.05 * steps), num_training_steps=steps)
     encoder.train()
@@ -146,7 +143,7 @@ def pretrain_encoder(
             loss = nn.functional.cross_entropy(head(hidden[scored]), targets[scored])
             optimizer.zero_grad()
             loss.backward()
-            nn.utils.clip_grad_norm_(list(named.values()), 1.0)
+            nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             total, count = total + loss.item(), count + 1

@@ -51,6 +51,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from modeling import (  # noqa: E402
     LabelformerEnsemble,
+    MultiLabelCollator,
     build_label_vocabulary,
     load_multilabel_dataset,
     train_tokenizer,
@@ -154,7 +155,7 @@ def train_head(system: str, args: argparse.Namespace, tokenizer_dir: Path, seed:
     two_stage = system == "seq2seq" and args.seq2seq_init == "threshold"
     member = system == "seq2seq" and args.seq2seq_seeds > 1
     # with several threshold seeds, generator member k starts from threshold member k (mod their count)
-    encoder_from = threshold_dir(args, (seed - SEED) % getattr(args, "threshold_seeds", 1)) if two_stage else None
+    encoder_from = threshold_dir(args, (seed - SEED) % args.threshold_seeds) if two_stage else None
     settings = {**system_settings(system, encoder_from),
                 **(ENSEMBLE_MEMBER if member else {}), **({"epochs": args.epochs} if args.epochs else {}),
                 **args.overrides.get(system, {})}  # fmt: skip
@@ -258,44 +259,35 @@ def trained_max_length(folder: Path) -> int | None:
     return json.loads(path.read_text()).get("max_length") if path.is_file() else None
 
 
-def label_matrix(label_sets: list[list[str]], labels: list[str]) -> torch.Tensor:
-    """``[n, L]`` 0/1 targets over ``labels`` (labels outside the list are left out)."""
-    index = {label: i for i, label in enumerate(labels)}
-    targets = torch.zeros(len(label_sets), len(labels))
-    for row, names in enumerate(label_sets):
-        for name in names:
-            if name in index:
-                targets[row, index[name]] = 1.0
-    return targets
-
-
 @torch.no_grad()
 def evaluate_threshold_ensemble(folders: list[Path], data, labels: list[str], cpu: bool,
                                 batch_size: int = 64) -> dict[str, Any]:  # fmt: skip
     """Test (and validation) metrics of threshold heads voting together (mean probabilities).
 
-    The ensemble's threshold is fit on the validation split (as each member's was), then the test set
-    is read once.
+    The ensemble's threshold is fit on the validation split (as each member's was, batches built by
+    the training collator), then the test set is read once.
     """
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     ensemble = LabelformerEnsemble.from_pretrained(folders).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folders[0])
     max_length = trained_max_length(folders[0]) or RECIPE["max_length"]
-    texts = list(data["validation"]["text"])
-    probs = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
-                          padding=True, return_tensors="pt").to(device)  # fmt: skip
-        probs.append(ensemble.label_probabilities(batch["input_ids"], batch["attention_mask"]).cpu())
-    ensemble_labels = [ensemble.config.id2label[i] for i in range(len(ensemble.config.id2label))]
-    targets = label_matrix(list(data["validation"]["labels"]), ensemble_labels)
-    threshold, _ = ensemble.tune_threshold(torch.cat(probs), targets)
-
-    def scores(split: str) -> dict[str, float]:
-        predictions = predict_texts(ensemble, tokenizer, list(data[split]["text"]), max_length=max_length)
-        return evaluate_predictions(predictions, data[split]["labels"], labels)
-
-    return {"threshold": threshold, "validation": scores("validation"), "test": scores("test")}
+    collator = MultiLabelCollator(tokenizer, ensemble.config, max_length, head="classification")
+    rows = list(data["validation"])
+    probs, targets = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = collator(rows[start : start + batch_size])
+        probs.append(ensemble.label_probabilities(batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+        targets.append(batch["labels"])
+    probs = torch.cat(probs).cpu()
+    threshold, _ = ensemble.tune_threshold(probs, torch.cat(targets))
+    id2label = ensemble.config.id2label
+    validation = [[id2label[j] for j in row.nonzero().flatten().tolist()] for row in ensemble.decide(probs)]
+    test = predict_texts(ensemble, tokenizer, list(data["test"]["text"]), max_length=max_length)
+    return {
+        "threshold": threshold,
+        "validation": evaluate_predictions(validation, data["validation"]["labels"], labels),
+        "test": evaluate_predictions(test, data["test"]["labels"], labels),
+    }
 
 
 def train_members(system: str, args: argparse.Namespace, tokenizer_dir: Path, count: int) -> tuple[list[Path], list]:
