@@ -102,6 +102,14 @@ class LabelformerConfig(PretrainedConfig):
         label_logit_bias: ``num_labels`` numbers added to the label logits when the generation head
             decodes, e.g. a logit adjustment ``-tau * log(label frequency)`` that favours rare labels
             (`prior_label_bias`); ``None`` adds nothing. `tune_decoding_bias` fits both on validation data.
+        label_name_token_ids: Per label (in id order), the input-token ids of each word of its name
+            (`label_name_token_ids` builds them with the model's tokenizer); a label is *named* in a
+            document when every word of its name occurs in the input ids. ``None``: no label names.
+        label_name_bias: Added to the logit of every label named in the input when a multi-label head
+            decides (never in the training loss): the threshold head adds it before its threshold,
+            the generation head at every decoding step. It lets the label names help rare labels
+            the model saw too few examples of; 0 turns it off. Fit it on validation data
+            (`tune_label_name_bias`, `tune_decoding_bias`).
     """
 
     model_type = "labelformer"
@@ -150,6 +158,8 @@ class LabelformerConfig(PretrainedConfig):
         unpad_encoder: bool = True,
         eos_logit_bias: float = 0.0,
         label_logit_bias: list[float] | None = None,
+        label_name_token_ids: list[list[list[int]]] | None = None,
+        label_name_bias: float = 0.0,
         pad_token_id: int = PAD_TOKEN_ID,
         bos_token_id: int = BOS_TOKEN_ID,
         eos_token_id: int = EOS_TOKEN_ID,
@@ -192,6 +202,8 @@ class LabelformerConfig(PretrainedConfig):
         self.unpad_encoder = unpad_encoder
         self.eos_logit_bias = eos_logit_bias
         self.label_logit_bias = None if label_logit_bias is None else list(label_logit_bias)
+        self.label_name_token_ids = label_name_token_ids
+        self.label_name_bias = label_name_bias
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -247,6 +259,7 @@ class LabelformerConfig(PretrainedConfig):
                 f"`label_logit_bias` must be {self.num_labels} finite numbers (one per label, in id order) or None, "
                 f"got {len(bias)} values."
             )
+        self._validate_label_names()
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             raise ValueError(f"`layer_norm_eps` must be a positive number, got {self.layer_norm_eps!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:
@@ -270,6 +283,33 @@ class LabelformerConfig(PretrainedConfig):
             if value is not None and not 0 <= value < self.decoder_vocab_size:
                 raise ValueError(
                     f"`{name}` ({value}) must be a valid decoder token id in [0, {self.decoder_vocab_size})."
+                )
+
+    def _validate_label_names(self) -> None:
+        if not _is_finite_number(self.label_name_bias):
+            raise ValueError(f"`label_name_bias` must be a finite number (0 = off), got {self.label_name_bias!r}.")
+        names = self.label_name_token_ids
+        if names is None:
+            if self.label_name_bias:
+                raise ValueError(
+                    "`label_name_bias` is set but `label_name_token_ids` is None: build them with "
+                    "label_name_token_ids(labels, tokenizer) (or set label_name_bias=0)."
+                )
+            return
+        if not isinstance(names, list) or len(names) != self.num_labels:
+            count = len(names) if isinstance(names, list) else type(names).__name__
+            raise ValueError(
+                f"`label_name_token_ids` must hold one entry per label ({self.num_labels}), got {count}; "
+                "rebuild it with label_name_token_ids(labels, tokenizer) for this label set."
+            )
+        for label, words in enumerate(names):
+            if not isinstance(words, list) or not all(
+                isinstance(word, list) and word and all(isinstance(t, int) and 0 <= t < self.vocab_size for t in word)
+                for word in words
+            ):
+                raise ValueError(
+                    f"`label_name_token_ids[{label}]` must be a list of non-empty lists of token ids in "
+                    f"[0, {self.vocab_size}), got {words!r}."
                 )
 
     @classmethod

@@ -54,6 +54,7 @@ from modeling import (  # noqa: E402
     MultiLabelCollator,
     build_label_vocabulary,
     load_multilabel_dataset,
+    named_labels,
     train_tokenizer,
 )
 from modeling.evaluation_labelformer import (  # noqa: E402
@@ -63,6 +64,7 @@ from modeling.evaluation_labelformer import (  # noqa: E402
     tune_decoding_bias,
     write_json,
 )
+from modeling.multilabel_labelformer import with_logit_bias  # noqa: E402
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
 logger = logging.getLogger("reproduce_reuters")
@@ -272,19 +274,27 @@ def evaluate_threshold_ensemble(folders: list[Path], data, labels: list[str], cp
     tokenizer = AutoTokenizer.from_pretrained(folders[0])
     max_length = trained_max_length(folders[0]) or RECIPE["max_length"]
     collator = MultiLabelCollator(tokenizer, ensemble.config, max_length, head="classification")
+    names = ensemble.config.label_name_token_ids
     rows = list(data["validation"])
-    probs, targets = [], []
+    probs, targets, named = [], [], []
     for start in range(0, len(rows), batch_size):
         batch = collator(rows[start : start + batch_size])
         probs.append(ensemble.label_probabilities(batch["input_ids"].to(device), batch["attention_mask"].to(device)))
         targets.append(batch["labels"])
+        if names is not None:
+            named.append(named_labels(batch["input_ids"], names))
     probs = torch.cat(probs).cpu()
-    threshold, _ = ensemble.tune_threshold(probs, torch.cat(targets))
+    if names is None:
+        threshold, _ = ensemble.tune_threshold(probs, torch.cat(targets))
+    else:  # the members were trained with label names: fit their bias with the threshold, as each member did
+        threshold = ensemble.tune_label_name_bias(probs, torch.cat(named), torch.cat(targets))["threshold"]
+        probs = with_logit_bias(probs, torch.cat(named).float() * ensemble.config.label_name_bias)
     id2label = ensemble.config.id2label
     validation = [[id2label[j] for j in row.nonzero().flatten().tolist()] for row in ensemble.decide(probs)]
     test = predict_texts(ensemble, tokenizer, list(data["test"]["text"]), max_length=max_length)
     return {
         "threshold": threshold,
+        "label_name_bias": ensemble.config.label_name_bias,
         "validation": evaluate_predictions(validation, data["validation"]["labels"], labels),
         "test": evaluate_predictions(test, data["test"]["labels"], labels),
     }
@@ -313,6 +323,7 @@ def train_threshold(args: argparse.Namespace, tokenizer_dir: Path, data, labels:
     ensemble = evaluate_threshold_ensemble(folders, data, labels, args.cpu)
     info["threshold_ensemble_validation"] = ensemble["validation"]
     info["threshold_ensemble_threshold"] = ensemble["threshold"]
+    info["threshold_ensemble_label_name_bias"] = ensemble["label_name_bias"]
     return ensemble["test"]
 
 

@@ -53,7 +53,9 @@ from modeling import (  # noqa: E402
     LabelformerForParallelLabelGeneration,
     MultiLabelCollator,
     build_label_vocabulary,
+    label_name_token_ids,
     load_multilabel_dataset,
+    named_labels,
     split_unknown_labels,
     train_tokenizer,
 )
@@ -168,11 +170,17 @@ def get_tokenizer(args: argparse.Namespace, accelerator: Accelerator, texts: lis
     return AutoTokenizer.from_pretrained(saved)
 
 
-def build_model(args: argparse.Namespace, labels: list[str], vocab_size: int, max_labels_seen: int):
-    """The head of ``--head``; ``max_labels`` defaults to the most labels a training document has."""
+def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labels_seen: int):
+    """The head of ``--head``; ``max_labels`` defaults to the most labels a training document has.
+
+    With ``--label_names`` the threshold and generation heads get each label name's token ids
+    (``label_name_token_ids``), so their label-name bias can be fit on validation data.
+    """
+    names = label_name_token_ids(labels, tokenizer) if args.label_names and args.head != "parallel" else None
     config = LabelformerConfig.from_labels(
         labels,
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
+        label_name_token_ids=names,
         d_model=args.d_model,
         encoder_layers=args.encoder_layers,
         decoder_layers=args.decoder_layers,
@@ -273,10 +281,14 @@ def predict_split(accelerator: Accelerator, model, tokenizer, texts: list[str], 
 
 
 def tune_threshold(accelerator: Accelerator, model, tokenizer, dataset, args) -> float:
-    """Fit the threshold head's decision threshold on validation data (main process, then shared)."""
+    """Fit the threshold head's decision threshold on validation data (main process, then shared).
+
+    When the config holds label names, the label-name bias is fit with it (`tune_label_name_bias`).
+    """
     unwrapped = accelerator.unwrap_model(model)
     collator = MultiLabelCollator(tokenizer, unwrapped.config, args.max_length, head="classification")
-    probs, targets = [], []
+    names = unwrapped.config.label_name_token_ids
+    probs, targets, named = [], [], []
     unwrapped.eval()
     with torch.no_grad():
         for start in range(0, len(dataset), args.eval_batch_size):
@@ -288,8 +300,11 @@ def tune_threshold(accelerator: Accelerator, model, tokenizer, dataset, args) ->
             ).logits
             probs.append(torch.sigmoid(logits.float()).cpu())
             targets.append(batch["labels"])
-    threshold, _ = unwrapped.tune_threshold(torch.cat(probs), torch.cat(targets))
-    return threshold
+            if names is not None:
+                named.append(named_labels(batch["input_ids"], names))
+    if names is None:
+        return unwrapped.tune_threshold(torch.cat(probs), torch.cat(targets))[0]
+    return unwrapped.tune_label_name_bias(torch.cat(probs), torch.cat(named), torch.cat(targets))["threshold"]
 
 
 def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any], average=None) -> None:
@@ -433,7 +448,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         if split in data:
             report_unknown_labels(split_unknown_labels(data[split]["labels"], label2id)[1], split)
     tokenizer = get_tokenizer(args, accelerator, data["train"]["text"], resuming=checkpoint is not None)
-    model = build_model(args, labels, len(tokenizer), max(1, max(len(x) for x in train_labels)))
+    model = build_model(args, labels, tokenizer, max(1, max(len(x) for x in train_labels)))
     if args.init_encoder_from and checkpoint is None:
         init_encoder_from(model, args.init_encoder_from)
     logger.info(
@@ -653,8 +668,9 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
         )
         decoding_bias = {k: v for k, v in tuned.items() if k != "grid"}
         logger.info(
-            "decoding bias: EOS %+.2f, prior weight %.2f (validation micro-F1 %.4f; %.4f without)",
-            tuned["eos_logit_bias"], tuned["prior_weight"], tuned["micro_f1"], tuned["unbiased_micro_f1"],
+            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f (validation micro-F1 %.4f; %.4f without)",
+            tuned["eos_logit_bias"], tuned["prior_weight"], tuned["label_name_bias"], tuned["micro_f1"],
+            tuned["unbiased_micro_f1"],
         )  # fmt: skip
     if "test" in data and not args.skip_test:
         references = data["test"]["labels"]
@@ -800,6 +816,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--tune_decoding_bias", action=argparse.BooleanOptionalAction, default=True,
         help="Generation head: after training, fit the EOS bias and the rare-label logit adjustment on validation.",
+    )  # fmt: skip
+    g.add_argument(
+        "--label_names", action=argparse.BooleanOptionalAction, default=True,
+        help="Use the label names as evidence: a label whose name occurs in a document gets a logit bonus, fit on "
+        "validation with the threshold (threshold head) or with the decoding bias (generation head).",
     )  # fmt: skip
     g.add_argument("--num_beams", type=int, default=3, help="Also evaluate test with this beam width (generation).")
     g.add_argument("--report_to", default="auto", help="'auto' (tensorboard/trackio if installed), 'none', or one.")

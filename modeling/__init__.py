@@ -18,6 +18,7 @@ from .data_labelformer import (
 )
 from .ensemble_labelformer import LabelformerEnsemble
 from .evaluation_labelformer import tune_decoding_bias
+from .label_names_labelformer import label_name_token_ids, named_labels
 from .modeling_labelformer import (
     LabelformerForConditionalGeneration,
     LabelformerModel,
@@ -76,7 +77,9 @@ __all__ = [
     "StaticDecodingCache",
     "build_label_vocabulary",
     "compute_multilabel_metrics",
+    "label_name_token_ids",
     "load_multilabel_dataset",
+    "named_labels",
     "prior_label_bias",
     "split_unknown_labels",
     "train_tokenizer",

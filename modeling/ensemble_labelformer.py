@@ -6,7 +6,8 @@ predict as one:
 - label-sequence generation heads decode greedily together: at every step the constrained label
   distributions of the members are averaged, and the label-set rules apply to the average;
 - threshold heads average their sigmoid probabilities and apply one threshold (by default the
-  mean of the members' tuned thresholds; `tune_threshold` re-tunes it on validation data).
+  mean of the members' tuned thresholds; `tune_threshold` re-tunes it on validation data, and
+  `tune_label_name_bias` re-tunes it together with the label-name bias).
 
     ensemble = LabelformerEnsemble.from_pretrained(["runs/seed1", "runs/seed2"])
     ensemble.predict_labels(["Shares of ... rose ..."])
@@ -26,12 +27,15 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS
 from .multilabel_labelformer import (
+    DecodingBiasLogitsProcessor,
     LabelformerForMultiLabelClassification,
     LabelformerForMultiLabelGeneration,
     MultiLabelPredictionMixin,
     ThresholdDecisionMixin,
     _GreedyLabelDecoder,
     chosen_label_dicts,
+    label_name_row_bias,
+    with_logit_bias,
 )
 
 _HEADS = (LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification)
@@ -72,10 +76,13 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
                     )
         self.members = nn.ModuleList(models)
         self.is_generation = head is LabelformerForMultiLabelGeneration
-        #: Member 0's config; for threshold heads ``classifier_threshold`` is the members' mean.
+        #: Member 0's config; for threshold heads ``classifier_threshold`` and ``label_name_bias`` are the
+        #: members' means.
         self.config = copy.deepcopy(first)
         if not self.is_generation:
             self.config.classifier_threshold = sum(m.config.classifier_threshold for m in models) / len(models)
+            if first.label_name_token_ids is not None:
+                self.config.label_name_bias = sum(m.config.label_name_bias for m in models) / len(models)
         self.name_or_path = getattr(models[0], "name_or_path", "")
 
     @classmethod
@@ -122,6 +129,12 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         self.config.eos_logit_bias = self.members[0].config.eos_logit_bias
         self.config.label_logit_bias = self.members[0].config.label_logit_bias
 
+    def set_label_name_bias(self, bias: float, name_token_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
+        """Set the label-name bias (and word ids) on ``config`` and on every member, so each saves it."""
+        for member in self.members:
+            member.set_label_name_bias(bias, name_token_ids)
+        super().set_label_name_bias(bias, name_token_ids)
+
     def label_probabilities(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Threshold heads: the members' mean sigmoid probabilities ``[b, num_labels]`` for ids ``[b, s]``."""
         if self.is_generation:
@@ -145,18 +158,25 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
             raise ValueError(f"`num_beams` must be >= 1, got {num_beams}.")
         if not self.is_generation:
             probs = self.label_probabilities(input_ids, attention_mask)
+            probs = with_logit_bias(probs, self.label_name_logit_bias(input_ids))
             return chosen_label_dicts(probs, self.decide(probs), self.config.id2label)
         states = [m.model.encoder(input_ids, attention_mask).last_hidden_state for m in self.members]
         batch, source_len = input_ids.shape
         decoder = _GreedyLabelDecoder(list(self.members), batch, source_len, self.config.effective_max_labels + 1,
                                       states[0].device, states[0].dtype, cuda_graph=False)  # fmt: skip
-        tokens, scores = decoder(states, attention_mask)
+        row_bias = label_name_row_bias(self, input_ids)
+        tokens, scores = decoder(states, attention_mask, row_bias)
         if num_beams > 1:
-            tokens, scores = self._rerank(tokens, states, attention_mask, num_beams)
+            tokens, scores = self._rerank(tokens, states, attention_mask, num_beams, row_bias)
         return self.members[0]._label_dicts(tokens, scores)
 
     def sequence_scores(
-        self, sequences: torch.Tensor, states: Sequence[torch.Tensor], attention_mask: torch.Tensor, rows: torch.Tensor
+        self,
+        sequences: torch.Tensor,
+        states: Sequence[torch.Tensor],
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        row_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ensemble's view of candidate label sequences.
 
@@ -165,6 +185,7 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
             states: each member's encoder output ``[b, s, d]``.
             attention_mask: ``[b, s]``.
             rows: ``[n]`` the batch row each candidate belongs to.
+            row_bias: ``[b, v]`` label-name bias of each batch row (`decoder_row_bias`), or ``None``.
 
         Returns:
             ``[n]`` log-probability of each sequence up to and including its EOS, and ``[n, t]``
@@ -172,8 +193,9 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         """
         start = torch.full_like(sequences[:, :1], self.config.decoder_start_token_id)
         with_start = torch.cat([start, sequences], dim=1)
+        bias = None if row_bias is None else row_bias[rows]
         step_probs = sum(
-            m.label_scores(with_start, BaseModelOutput(last_hidden_state=h[rows]), attention_mask[rows])
+            m.label_scores(with_start, BaseModelOutput(last_hidden_state=h[rows]), attention_mask[rows], bias)
             for m, h in zip(self.members, states)
         ) / len(self.members)  # fmt: skip
         is_end = (sequences < NUM_SPECIAL_DECODER_TOKENS).long()  # [n, t]: EOS or padding
@@ -182,7 +204,12 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         return log_probs.sum(1), step_probs.masked_fill(~scored, 0.0)
 
     def _rerank(
-        self, greedy: torch.Tensor, states: Sequence[torch.Tensor], attention_mask: torch.Tensor, num_beams: int
+        self,
+        greedy: torch.Tensor,
+        states: Sequence[torch.Tensor],
+        attention_mask: torch.Tensor,
+        num_beams: int,
+        row_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Best of {ensemble greedy} + {each member's beams} per row: ``[b, t]`` tokens and step probabilities."""
         pad, batch = self.config.pad_token_id, greedy.shape[0]
@@ -198,6 +225,7 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
             beams = member.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=h), attention_mask=attention_mask,
                 num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
+                logits_processor=None if row_bias is None else [DecodingBiasLogitsProcessor(row_bias)],
             )  # fmt: skip
             for i, tokens in enumerate(beams[:, 1:].tolist()):
                 add(i // num_beams, tokens)
@@ -207,7 +235,7 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         for i, (_, c) in enumerate(flat):
             sequences[i, : len(c)] = torch.tensor(c)
         rows = torch.tensor([row for row, _ in flat], device=greedy.device)
-        totals, step_probs = self.sequence_scores(sequences, states, attention_mask, rows)
+        totals, step_probs = self.sequence_scores(sequences, states, attention_mask, rows, row_bias)
         best: dict[int, int] = {}
         for i, (row, _) in enumerate(flat):
             if row not in best or totals[i] > totals[best[row]]:

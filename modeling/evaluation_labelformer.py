@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from .multilabel_labelformer import prior_label_bias
+from .multilabel_labelformer import LABEL_NAME_BIASES, prior_label_bias
 from .multilabel_metrics.multilabel_metrics import compute_multilabel_metrics, per_label_scores
 
 logger = logging.get_logger(__name__)
@@ -71,35 +71,58 @@ def tune_decoding_bias(
     eos_biases: Sequence[float] = EOS_BIASES,
     prior_weights: Sequence[float] = PRIOR_WEIGHTS,
     metric: str = "micro_f1",
+    label_name_biases: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Fit a generation head's decoding bias on validation data, like the threshold head's threshold.
 
     Tries every ``eos_logit_bias`` in ``eos_biases`` with every logit-adjustment weight in
     ``prior_weights`` (label biases ``prior_label_bias(label_counts, weight)``), scores
     ``predict(model)`` against ``references`` and keeps the best ``metric``; no bias wins ties.
-    The winner stays set on ``model`` (a `LabelformerForMultiLabelGeneration` or an ensemble of
+    Then, when the config holds ``label_name_token_ids``, it tries every ``label_name_bias`` of
+    ``label_name_biases`` (default `LABEL_NAME_BIASES`) with every EOS bias, at the best prior
+    weight (the EOS bias is tried again because naming labels makes longer label sets). The
+    winner stays set on ``model`` (a `LabelformerForMultiLabelGeneration` or an ensemble of
     them), so `save_pretrained` keeps it.
 
     Args:
         predict: decodes the validation texts with ``model`` as it is set now (greedy is enough).
         label_counts: training documents per label name (labels missing here count as 1).
+        label_name_biases: label-name biases to try; ``()`` leaves ``label_name_bias`` at 0.
 
     Returns:
-        ``{"eos_logit_bias", "prior_weight", metric, "unbiased_" + metric, "grid": [...]}``.
+        ``{"eos_logit_bias", "prior_weight", "label_name_bias", metric, "unbiased_" + metric, "grid": [...]}``.
     """
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     counts = [label_counts.get(label, 0) for label in labels]
     label_biases = {w: prior_label_bias(counts, w) if w else None for w in (0.0, *prior_weights)}
-    grid, best = [], None
+    if model.config.label_name_token_ids is None:
+        label_name_biases = ()
+    elif label_name_biases is None:
+        label_name_biases = LABEL_NAME_BIASES
+    grid: list[dict[str, Any]] = []
+
+    def score(eos: float, weight: float, name_bias: float) -> None:
+        model.set_decoding_bias(eos, label_biases[weight])
+        if model.config.label_name_token_ids is not None:
+            model.set_label_name_bias(name_bias)
+        value = evaluate_predictions(predict(model), references, labels)[metric]
+        grid.append({"eos_logit_bias": eos, "prior_weight": weight, "label_name_bias": name_bias, metric: value})
+        logger.info(
+            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f -> validation %s %.4f",
+            eos, weight, name_bias, metric, value,
+        )  # fmt: skip
+
     settings = [(0.0, 0.0)] + [(e, w) for w in prior_weights for e in eos_biases if (e, w) != (0.0, 0.0)]
     for eos, weight in settings:
-        model.set_decoding_bias(eos, label_biases[weight])
-        score = evaluate_predictions(predict(model), references, labels)[metric]
-        grid.append({"eos_logit_bias": eos, "prior_weight": weight, metric: score})
-        logger.info("decoding bias: EOS %+.2f, prior weight %.2f -> validation %s %.4f", eos, weight, metric, score)
-        if best is None or score > best[metric]:
-            best = grid[-1]
+        score(eos, weight, 0.0)
+    prior = max(grid, key=lambda row: row[metric])["prior_weight"]  # first best: no bias wins ties
+    for name_bias in sorted({float(b) for b in label_name_biases} - {0.0}):
+        for eos in eos_biases:
+            score(eos, prior, name_bias)
+    best = max(grid, key=lambda row: row[metric])
     model.set_decoding_bias(best["eos_logit_bias"], label_biases[best["prior_weight"]])
+    if model.config.label_name_token_ids is not None:
+        model.set_label_name_bias(best["label_name_bias"])
     return {**best, f"unbiased_{metric}": grid[0][metric], "grid": grid}
 
 

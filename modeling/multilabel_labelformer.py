@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOut
 from transformers.utils import logging
 
 from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
+from .label_names_labelformer import named_labels
 from .modeling_labelformer import (
     LabelformerEncoder,
     LabelformerForConditionalGeneration,
@@ -81,20 +82,28 @@ def allowed_label_tokens(prefixes: torch.Tensor, vocab_size: int, min_labels: in
 
 
 class LabelSetLogitsProcessor(LogitsProcessor):
-    """Constrain `generate()` to valid label sets; works per beam, with greedy, beam search and sampling."""
+    """Constrain `generate()` to valid label sets; works per beam, with greedy, beam search and sampling.
+
+    The result is renormalised over the allowed tokens (log-softmax): beam search then ranks
+    hypotheses by the constrained distribution (the one `label_scores` reports), instead of
+    charging a hypothesis for the probability its model still gives to labels it already used.
+    Greedy and sampled choices are the same either way.
+    """
 
     def __init__(self, min_labels: int, max_labels: int) -> None:
         self.min_labels = min_labels
         self.max_labels = max_labels
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """``input_ids`` ``[n, t]`` so far, ``scores`` ``[n, v]`` -> scores with forbidden tokens at -inf."""
+        """``input_ids`` ``[n, t]`` so far, ``scores`` ``[n, v]`` -> log-probabilities with forbidden tokens at -inf."""
         allowed = allowed_label_tokens(input_ids, scores.shape[-1], self.min_labels, self.max_labels)[:, -1]
-        return scores.masked_fill(~allowed, float("-inf"))
+        return scores.float().masked_fill(~allowed, float("-inf")).log_softmax(-1).to(scores.dtype)
 
 
 class DecodingBiasLogitsProcessor(LogitsProcessor):
-    """Add the config's decoding bias (`LabelformerForMultiLabelGeneration.decoding_bias`) inside `generate()`.
+    """Add a decoding bias inside `generate()`: the config's (`LabelformerForMultiLabelGeneration.decoding_bias`,
+    ``[v]``) or one per input row (the label-name bias, ``[b, v]``; beam search's ``b * num_beams``
+    rows take their input row's).
 
     The result is renormalised (log-softmax), so beam search, which hands processors
     log-probabilities, ranks hypotheses by the biased distribution; greedy choices are the same as
@@ -106,7 +115,10 @@ class DecodingBiasLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``scores`` ``[n, v]`` -> ``log_softmax(scores + bias)`` ``[n, v]``."""
-        return (scores.float() + self.bias.to(scores.device)).log_softmax(-1).to(scores.dtype)
+        bias = self.bias.to(scores.device)
+        if bias.dim() == 2 and bias.shape[0] != scores.shape[0]:
+            bias = bias.repeat_interleave(scores.shape[0] // bias.shape[0], dim=0)
+        return (scores.float() + bias).log_softmax(-1).to(scores.dtype)
 
 
 def prior_label_bias(label_counts: Sequence[int], weight: float) -> list[float]:
@@ -162,6 +174,27 @@ class MultiLabelPredictionMixin:
         impl = f"{MultiLabelGenerationPipeline.__module__.rsplit('.', 1)[-1]}.{MultiLabelGenerationPipeline.__name__}"
         self.config.custom_pipelines = {PIPELINE_TASK: {"impl": impl, "pt": [self.pipeline_auto_class], "type": "text"}}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def label_name_logit_bias(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """``[b, num_labels]`` float: ``config.label_name_bias`` at the labels each row of ``input_ids``
+        ``[b, s]`` names (`named_labels`), else 0; ``None`` when the bias is off."""
+        if not self.config.label_name_bias or self.config.label_name_token_ids is None:
+            return None
+        named = named_labels(input_ids, self.config.label_name_token_ids)
+        return named.float() * self.config.label_name_bias
+
+    def set_label_name_bias(self, bias: float, name_token_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
+        """Set (and validate) ``config.label_name_bias`` (and, if given, ``label_name_token_ids``);
+        `save_pretrained` keeps them."""
+        old = (self.config.label_name_bias, self.config.label_name_token_ids)
+        self.config.label_name_bias = bias
+        if name_token_ids is not None:
+            self.config.label_name_token_ids = [[list(map(int, word)) for word in label] for label in name_token_ids]
+        try:
+            self.config.validate_labelformer()
+        except ValueError:
+            self.config.label_name_bias, self.config.label_name_token_ids = old
+            raise
 
     def _resolve_tokenizer(self, tokenizer: Any | None) -> Any:
         if tokenizer is not None:
@@ -275,6 +308,8 @@ class _GreedyLabelDecoder:
         self.caches = [StaticDecodingCache(m.model.decoder, batch, source_len, steps, device, dtype) for m in models]
         #: Each model's `decoding_bias`, refreshed on every call (static tensors a CUDA graph can read).
         self.biases = [torch.zeros(m.config.decoder_vocab_size, device=device) for m in models]
+        #: The label-name bias of each row (`decoder_row_bias`), the same for every model; zeros when off.
+        self.row_bias = torch.zeros(batch, models[0].config.decoder_vocab_size, device=device)
         self.batch, self.steps, self.device = batch, steps, device
         self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -291,7 +326,7 @@ class _GreedyLabelDecoder:
         for step in range(self.steps):
             allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
             probs = sum(
-                (model.lm_head(model.model.decoder.decode_step(current, cache, step)).float() + bias)  # [b, v]
+                (model.lm_head(model.model.decoder.decode_step(current, cache, step)).float() + bias + self.row_bias)
                 .masked_fill(~allowed, float("-inf"))
                 .softmax(-1)
                 for model, cache, bias in zip(self.models, self.caches, self.biases)
@@ -312,12 +347,22 @@ class _GreedyLabelDecoder:
             current = best[:, None]
         return torch.stack(tokens, 1), torch.stack(scores, 1)
 
-    def __call__(self, encoder_states: Sequence[torch.Tensor], attention_mask: torch.Tensor | None):
-        """One ``[b, s, d]`` encoder output per model -> ``[b, t]`` tokens and ``[b, t]`` probabilities."""
+    def __call__(
+        self,
+        encoder_states: Sequence[torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        row_bias: torch.Tensor | None = None,
+    ):
+        """One ``[b, s, d]`` encoder output per model (and the ``[b, v]`` label-name bias, if any) ->
+        ``[b, t]`` tokens and ``[b, t]`` probabilities."""
         for cache, states in zip(self.caches, encoder_states, strict=True):
             cache.set_encoder_states(states, attention_mask)
         for model, bias in zip(self.models, self.biases):
             bias.copy_(model.decoding_bias(bias.device))
+        if row_bias is None:
+            self.row_bias.zero_()
+        else:
+            self.row_bias.copy_(row_bias)
         if not self.cuda_graph:
             return self._decode(early_exit=True)
         if self.graph is None:
@@ -383,6 +428,11 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
             bias[NUM_SPECIAL_DECODER_TOKENS:] = torch.tensor(self.config.label_logit_bias, dtype=torch.float)
         return bias.to(device) if device is not None else bias
 
+    def decoder_row_bias(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The label-name bias over the decoder vocabulary: ``[b, decoder_vocab_size]`` (0 at pad/bos/eos),
+        or ``None`` when it is off."""
+        return label_name_row_bias(self, input_ids)
+
     def set_decoding_bias(self, eos_logit_bias: float = 0.0, label_logit_bias: Sequence[float] | None = None) -> None:
         """Set (and validate) the decoding bias in the config; `save_pretrained` keeps it."""
         old = (self.config.eos_logit_bias, self.config.label_logit_bias)
@@ -396,8 +446,13 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
 
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any) -> Any:
         """`GenerationMixin.generate` with the decoding bias and the label-set constraints, and room for
-        ``max_labels`` + EOS."""
+        ``max_labels`` + EOS. Given ``input_ids``, it also adds the label-name bias of each row
+        (given only ``encoder_outputs``, pass a `DecodingBiasLogitsProcessor` of `decoder_row_bias`)."""
         processors = LogitsProcessorList(logits_processor or [])
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        row_bias = self.decoder_row_bias(input_ids) if isinstance(input_ids, torch.Tensor) else None
+        if row_bias is not None:
+            processors.append(DecodingBiasLogitsProcessor(row_bias))
         bias = self.decoding_bias()
         if bias.any():
             processors.append(DecodingBiasLogitsProcessor(bias))
@@ -467,14 +522,25 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         return nn.functional.binary_cross_entropy_with_logits(logits, targets)
 
     def label_scores(
-        self, sequences: torch.Tensor, encoder_outputs: BaseModelOutput, attention_mask: torch.Tensor
+        self,
+        sequences: torch.Tensor,
+        encoder_outputs: BaseModelOutput,
+        attention_mask: torch.Tensor,
+        row_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Constrained probability of each token of ``sequences`` ``[n, t+1]`` (start token first): ``[n, t]``."""
-        log_probs = self._constrained_logits(sequences[:, :-1], encoder_outputs, attention_mask).log_softmax(-1)
-        return log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1).exp()
+        """Constrained probability of each token of ``sequences`` ``[n, t+1]`` (start token first): ``[n, t]``.
+
+        ``row_bias`` ``[n, v]`` (`decoder_row_bias`) is added at every step, as decoding adds it.
+        """
+        logits = self._constrained_logits(sequences[:, :-1], encoder_outputs, attention_mask, row_bias)
+        return logits.log_softmax(-1).gather(-1, sequences[:, 1:, None]).squeeze(-1).exp()
 
     def _constrained_logits(
-        self, decoder_input_ids: torch.Tensor, encoder_outputs: BaseModelOutput, attention_mask: torch.Tensor | None
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_outputs: BaseModelOutput,
+        attention_mask: torch.Tensor | None,
+        row_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Teacher-forced float logits ``[b, t, v]`` with the tokens the label rules forbid at -inf."""
         logits = (
@@ -490,6 +556,8 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         logits = logits.float()
         if not self.training:  # the decoding bias is part of the decision rule, not of training
             logits = logits + self.decoding_bias(logits.device)
+        if row_bias is not None:
+            logits = logits + row_bias[:, None, :]
         return logits.masked_fill(~allowed, float("-inf"))
 
     @torch.no_grad()
@@ -510,7 +578,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         """
         encoder_states = self.model.encoder(input_ids, attention_mask).last_hidden_state
         decoder = self._greedy_decoder(encoder_states, self.config.effective_max_labels + 1)
-        return decoder([encoder_states], attention_mask)
+        return decoder([encoder_states], attention_mask, self.decoder_row_bias(input_ids))
 
     def _greedy_decoder(self, encoder_states: torch.Tensor, steps: int) -> _GreedyLabelDecoder:
         """A decoder for this batch shape: reused (with its CUDA graph) while shapes and weights stay."""
@@ -546,14 +614,17 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
             tokens, scores = self.greedy_labels(input_ids, attention_mask)
             return self._label_dicts(tokens, scores)
         encoder_outputs = self.model.encoder(input_ids, attention_mask)
+        row_bias = self.decoder_row_bias(input_ids)
         sequences = self.generate(
             # a fresh wrapper: beam search expands the one it gets in place
             encoder_outputs=BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state),
             attention_mask=attention_mask,
             num_beams=num_beams,
             do_sample=False,
+            logits_processor=None if row_bias is None else [DecodingBiasLogitsProcessor(row_bias)],
         )
-        return self._label_dicts(sequences[:, 1:], self.label_scores(sequences, encoder_outputs, attention_mask))
+        scores = self.label_scores(sequences, encoder_outputs, attention_mask, row_bias)
+        return self._label_dicts(sequences[:, 1:], scores)
 
     def _label_dicts(self, tokens: torch.Tensor, scores: torch.Tensor) -> list[dict[str, float]]:
         """``[b, t]`` generated tokens and scores -> per row ``{label: score}`` up to the first EOS."""
@@ -574,12 +645,31 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
 # ---------------------------------------------------------------------------------------------
 
 
+#: The label-name biases `tune_label_name_bias` (and `tune_decoding_bias`) try by default.
+LABEL_NAME_BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+
 def threshold_decisions(probs: torch.Tensor, threshold: float, min_labels: int, max_labels: int) -> torch.Tensor:
     """Labels chosen from sigmoid probabilities ``[n, L]``: those >= ``threshold``, at least the top
     ``min_labels`` and at most the top ``max_labels``. Returns a boolean ``[n, L]``."""
     ranks = probs.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = most probable
     chosen = (probs >= threshold) & (ranks < max_labels)
     return chosen | (ranks < min_labels)
+
+
+def with_logit_bias(probs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``sigmoid(logit(probs) + bias)`` for probabilities ``[n, L]`` and a bias ``[n, L]`` (``None``: unchanged)."""
+    if bias is None:
+        return probs
+    return torch.sigmoid(torch.logit(probs.double().clamp(1e-12, 1 - 1e-12)) + bias.double()).to(probs.dtype)
+
+
+def label_name_row_bias(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """A generation head's (or ensemble's) label-name bias over its decoder vocabulary ``[b, v]``, or ``None``."""
+    bias = model.label_name_logit_bias(input_ids)
+    if bias is None:
+        return None
+    return nn.functional.pad(bias, (NUM_SPECIAL_DECODER_TOKENS, 0))
 
 
 def micro_f1_of(chosen: torch.Tensor, targets: torch.Tensor) -> float:
@@ -624,6 +714,42 @@ class ThresholdDecisionMixin:
         best, f1 = best_threshold(probs, targets, self.config.min_labels, self.config.effective_max_labels, grid)
         self.config.classifier_threshold = best
         return best, f1
+
+    def tune_label_name_bias(
+        self,
+        probs: torch.Tensor,
+        named: torch.Tensor,
+        targets: torch.Tensor,
+        biases: Sequence[float] = LABEL_NAME_BIASES,
+        grid: Sequence[float] | None = None,
+    ) -> dict[str, Any]:
+        """Fit ``config.label_name_bias`` together with the threshold on validation data.
+
+        For each bias in ``biases`` (0 always included) the best threshold of ``grid`` is found on
+        ``probs`` ``[n, L]`` shifted by that bias at the ``named`` ``[n, L]`` labels (`named_labels`
+        of each validation batch's input ids); the pair with the best micro-F1 against ``targets``
+        ``[n, L]`` is kept (ties: the smaller bias) and stored in the config
+        (``label_name_token_ids`` must be set).
+
+        Returns:
+            ``{"label_name_bias", "threshold", "micro_f1", "unbiased_micro_f1", "grid": [...]}``.
+        """
+        if self.config.label_name_token_ids is None:
+            raise ValueError(
+                "tune_label_name_bias needs config.label_name_token_ids: "
+                "model.set_label_name_bias(0.0, label_name_token_ids(labels, tokenizer)) first."
+            )
+        named = named.float()
+        limits = (self.config.min_labels, self.config.effective_max_labels)
+        rows = []
+        for bias in sorted({0.0, *map(float, biases)}):
+            threshold, f1 = best_threshold(with_logit_bias(probs, named * bias), targets, *limits, grid)
+            rows.append({"label_name_bias": bias, "threshold": threshold, "micro_f1": f1})
+        best = max(rows, key=lambda row: (row["micro_f1"], -row["label_name_bias"]))
+        self.set_label_name_bias(best["label_name_bias"])
+        self.config.classifier_threshold = best["threshold"]
+        unbiased = next(row["micro_f1"] for row in rows if row["label_name_bias"] == 0.0)
+        return {**best, "unbiased_micro_f1": unbiased, "grid": rows}
 
 
 class LabelformerForMultiLabelClassification(
@@ -690,8 +816,10 @@ class LabelformerForMultiLabelClassification(
     def predict_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
     ) -> list[dict[str, float]]:
-        """Threshold decisions for a tokenized batch ``[b, s]``; scores are sigmoid probabilities."""
+        """Threshold decisions for a tokenized batch ``[b, s]``; scores are sigmoid probabilities
+        (with the label-name bias, when it is on)."""
         probs = torch.sigmoid(self(input_ids=input_ids, attention_mask=attention_mask).logits.float())
+        probs = with_logit_bias(probs, self.label_name_logit_bias(input_ids))
         return chosen_label_dicts(probs, self.decide(probs), self.config.id2label)
 
 
@@ -710,7 +838,9 @@ __all__ = [
     "LabelformerForMultiLabelGeneration",
     "MultiLabelPredictionMixin",
     "ThresholdDecisionMixin",
+    "LABEL_NAME_BIASES",
     "allowed_label_tokens",
     "check_texts",
     "threshold_decisions",
+    "with_logit_bias",
 ]

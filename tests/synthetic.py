@@ -58,9 +58,9 @@ def check_fast_greedy_matches_generate(model, ids: torch.Tensor, mask: torch.Ten
     with torch.no_grad():
         fast = model.predict_batch(ids, mask, num_beams=1)
         sequences = model.generate(input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False)
-        reference = model._label_dicts(
-            sequences[:, 1:], model.label_scores(sequences, model.model.encoder(ids, mask), mask)
-        )
+        encoded = model.model.encoder(ids, mask)
+        scores = model.label_scores(sequences, encoded, mask, model.decoder_row_bias(ids))  # None: no name bias
+        reference = model._label_dicts(sequences[:, 1:], scores)
     assert [list(r) for r in fast] == [list(r) for r in reference]
     for got, want in zip(fast, reference):
         assert got == pytest.approx(want, abs=1e-5)

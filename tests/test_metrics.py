@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import evaluate
 import pytest
@@ -54,3 +58,26 @@ def test_loads_offline_with_evaluate():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         compute_multilabel_metrics([["a"], ["b"]], [["a"]])
+
+
+def test_macro_f1_is_bit_identical_across_hash_seeds():
+    """Per-label F1s are summed in a fixed order: set order (string hashes) would move the last bits."""
+    code = (
+        "import importlib.util, random, sys\n"
+        "spec = importlib.util.spec_from_file_location('m', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "rng = random.Random(0)\n"
+        "labels = [f'l{i}' for i in range(300)]\n"
+        "refs = [rng.sample(labels, rng.randint(1, 3)) for _ in range(2000)]\n"
+        "preds = [rng.sample(labels, rng.randint(1, 3)) for _ in range(2000)]\n"
+        "print(repr(module.compute_multilabel_metrics(preds, refs, labels=labels)['macro_f1']))\n"
+    )
+    script = Path(__file__).resolve().parent.parent / "modeling" / "multilabel_metrics" / "multilabel_metrics.py"
+    values = set()
+    for seed in (0, 3, 7):  # three different sums under the old set-order code
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        proc = subprocess.run([sys.executable, "-c", code, str(script)], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        values.add(proc.stdout)
+    assert len(values) == 1, values

@@ -128,6 +128,8 @@ def test_threshold_seeds_vote_together(tmp_path):
     # recompute the ensemble's test scores from the saved members and the recorded threshold
     ensemble = LabelformerEnsemble.from_pretrained([out / "threshold", out / "threshold_seed43"])
     ensemble.config.classifier_threshold = info["threshold_ensemble_threshold"]
+    ensemble.set_label_name_bias(info["threshold_ensemble_label_name_bias"])
+    assert ensemble.config.label_name_token_ids, "the members were trained with label names"
     data = load_multilabel_dataset(validation_fraction=VALIDATION_FRACTION, seed=42, max_train_samples=300)
     labels = [ensemble.config.id2label[i] for i in range(len(ensemble.config.id2label))]
     tokenizer = AutoTokenizer.from_pretrained(out / "threshold")

@@ -83,11 +83,20 @@ def test_training_writes_model_metrics_card_and_plots(tmp_path, data_files, head
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history if "epoch" in h] == [1, 2]
     config = json.loads((out / "config.json").read_text())
+    from transformers import AutoTokenizer
+
+    from modeling import label_name_token_ids
+    from modeling.multilabel_labelformer import LABEL_NAME_BIASES
+
+    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    assert config["label_name_token_ids"] == label_name_token_ids(labels, AutoTokenizer.from_pretrained(out))
+    assert any(config["label_name_token_ids"]) and config["label_name_bias"] in {0.0, *LABEL_NAME_BIASES}
     if head == "generation":  # the decoding bias was fit on validation and saved with the model
         tuned = metrics["decoding_bias"]
         assert tuned["micro_f1"] >= tuned["unbiased_micro_f1"]
         assert config["eos_logit_bias"] == tuned["eos_logit_bias"]
         assert (config["label_logit_bias"] is None) == (tuned["prior_weight"] == 0)
+        assert config["label_name_bias"] == tuned["label_name_bias"]
     else:
         assert "decoding_bias" not in metrics
 
@@ -97,6 +106,14 @@ def test_training_writes_model_metrics_card_and_plots(tmp_path, data_files, head
     model = auto.from_pretrained(out)
     predictions = model.predict_labels(["Wheat and corn exports rose", "Net profit up 10 pct"])
     assert len(predictions) == 2 and all(isinstance(p, list) and p for p in predictions)
+
+
+def test_no_label_names_leaves_them_out(tmp_path, data_files, tokenizer_dir):
+    out = tmp_path / "run"
+    run([*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--head", "threshold",
+         "--epochs", "1", "--no-label_names", "--skip_test", "--output_dir", str(out)])  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["label_name_token_ids"] is None and config["label_name_bias"] == 0.0
 
 
 def final_checkpoint(out: Path) -> Path:

@@ -50,7 +50,8 @@ def compute_multilabel_metrics(
         raise ValueError("Cannot compute metrics on zero examples.")
     pred_sets = [set(p) for p in predictions]
     gold_sets = [set(r) for r in references]
-    vocabulary = set(labels or ()) | set().union(*pred_sets, *gold_sets)
+    # sorted: summing per-label F1 in set order would change macro-F1's last bits from run to run (hash seeds)
+    vocabulary = sorted(set(labels or ()) | set().union(*pred_sets, *gold_sets))
     tp = dict.fromkeys(vocabulary, 0)
     n_pred = dict.fromkeys(vocabulary, 0)
     n_gold = dict.fromkeys(vocabulary, 0)
