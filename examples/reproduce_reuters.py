@@ -51,16 +51,15 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from modeling import (  # noqa: E402
     LabelformerEnsemble,
-    MultiLabelCollator,
     build_label_vocabulary,
     load_multilabel_dataset,
-    named_labels,
     train_tokenizer,
 )
 from modeling.evaluation_labelformer import (  # noqa: E402
     METRIC_KEYS,
     evaluate_predictions,
     predict_texts,
+    threshold_validation_inputs,
     tune_decoding_bias,
     write_json,
 )
@@ -273,22 +272,11 @@ def evaluate_threshold_ensemble(folders: list[Path], data, labels: list[str], cp
     ensemble = LabelformerEnsemble.from_pretrained(folders).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folders[0])
     max_length = trained_max_length(folders[0]) or RECIPE["max_length"]
-    collator = MultiLabelCollator(tokenizer, ensemble.config, max_length, head="classification")
-    names = ensemble.config.label_name_token_ids
-    rows = list(data["validation"])
-    probs, targets, named = [], [], []
-    for start in range(0, len(rows), batch_size):
-        batch = collator(rows[start : start + batch_size])
-        probs.append(ensemble.label_probabilities(batch["input_ids"].to(device), batch["attention_mask"].to(device)))
-        targets.append(batch["labels"])
-        if names is not None:
-            named.append(named_labels(batch["input_ids"], names))
-    probs = torch.cat(probs).cpu()
-    if names is None:
-        threshold, _ = ensemble.tune_threshold(probs, torch.cat(targets))
-    else:  # the members were trained with label names: fit their bias with the threshold, as each member did
-        threshold = ensemble.tune_label_name_bias(probs, torch.cat(named), torch.cat(targets))["threshold"]
-        probs = with_logit_bias(probs, torch.cat(named).float() * ensemble.config.label_name_bias)
+    probs, targets, named = threshold_validation_inputs(ensemble, tokenizer, list(data["validation"]), max_length,
+                                                        batch_size)  # fmt: skip
+    threshold = ensemble.tune_decision_rule(probs, targets, named)["threshold"]
+    if named is not None:  # the members were trained with label names: their bias is fit with the threshold
+        probs = with_logit_bias(probs, named.float() * ensemble.config.label_name_bias)
     id2label = ensemble.config.id2label
     validation = [[id2label[j] for j in row.nonzero().flatten().tolist()] for row in ensemble.decide(probs)]
     test = predict_texts(ensemble, tokenizer, list(data["test"]["text"]), max_length=max_length)

@@ -55,7 +55,6 @@ from modeling import (  # noqa: E402
     build_label_vocabulary,
     label_name_token_ids,
     load_multilabel_dataset,
-    named_labels,
     split_unknown_labels,
     train_tokenizer,
 )
@@ -67,6 +66,7 @@ from modeling.evaluation_labelformer import (  # noqa: E402
     per_label_table,
     plot_training_curve,
     predict_texts,
+    threshold_validation_inputs,
     tune_decoding_bias,
     write_json,
 )
@@ -281,30 +281,14 @@ def predict_split(accelerator: Accelerator, model, tokenizer, texts: list[str], 
 
 
 def tune_threshold(accelerator: Accelerator, model, tokenizer, dataset, args) -> float:
-    """Fit the threshold head's decision threshold on validation data (main process, then shared).
-
-    When the config holds label names, the label-name bias is fit with it (`tune_label_name_bias`).
-    """
+    """Fit the threshold head's decision rule on validation data: the threshold, and the label-name
+    bias with it when the config holds label names (`tune_decision_rule`)."""
     unwrapped = accelerator.unwrap_model(model)
-    collator = MultiLabelCollator(tokenizer, unwrapped.config, args.max_length, head="classification")
-    names = unwrapped.config.label_name_token_ids
-    probs, targets, named = [], [], []
     unwrapped.eval()
-    with torch.no_grad():
-        for start in range(0, len(dataset), args.eval_batch_size):
-            rows = [dataset[i] for i in range(start, min(start + args.eval_batch_size, len(dataset)))]
-            batch = collator(rows)
-            logits = unwrapped(
-                input_ids=batch["input_ids"].to(accelerator.device),
-                attention_mask=batch["attention_mask"].to(accelerator.device),
-            ).logits
-            probs.append(torch.sigmoid(logits.float()).cpu())
-            targets.append(batch["labels"])
-            if names is not None:
-                named.append(named_labels(batch["input_ids"], names))
-    if names is None:
-        return unwrapped.tune_threshold(torch.cat(probs), torch.cat(targets))[0]
-    return unwrapped.tune_label_name_bias(torch.cat(probs), torch.cat(named), torch.cat(targets))["threshold"]
+    probs, targets, named = threshold_validation_inputs(
+        unwrapped, tokenizer, [dataset[i] for i in range(len(dataset))], args.max_length, args.eval_batch_size
+    )
+    return unwrapped.tune_decision_rule(probs, targets, named)["threshold"]
 
 
 def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any], average=None) -> None:

@@ -10,8 +10,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers.utils import logging
 
+from .data_labelformer import MultiLabelCollator
+from .label_names_labelformer import named_labels
 from .multilabel_labelformer import LABEL_NAME_BIASES, prior_label_bias
 from .multilabel_metrics.multilabel_metrics import compute_multilabel_metrics, per_label_scores
 
@@ -56,6 +59,30 @@ def evaluate_predictions(
 ) -> dict[str, float]:
     """The six metrics of `compute_multilabel_metrics` over the model's label vocabulary."""
     return compute_multilabel_metrics(predictions, references, labels=labels)
+
+
+@torch.no_grad()
+def threshold_validation_inputs(
+    model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int | None, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What a threshold head (or an ensemble of them) fits its decision rule on (`tune_decision_rule`).
+
+    ``rows`` (``{"text", "labels"}``) are batched by the training collator. Returns the probabilities
+    ``[n, L]`` (``model.label_probabilities``), the 0/1 targets ``[n, L]`` and, when the config holds
+    label names, which labels each text names ``[n, L]`` (else ``None``); all on the CPU.
+    """
+    collator = MultiLabelCollator(tokenizer, model.config, max_length, head="classification")
+    names = model.config.label_name_token_ids
+    device = model.device
+    probs, targets, named = [], [], []
+    for start in range(0, len(rows), batch_size):
+        batch = collator(list(rows[start : start + batch_size]))
+        ids = batch["input_ids"]
+        probs.append(model.label_probabilities(ids.to(device), batch["attention_mask"].to(device)).cpu())
+        targets.append(batch["labels"])
+        if names is not None:
+            named.append(named_labels(ids, names))
+    return torch.cat(probs), torch.cat(targets), torch.cat(named) if names is not None else None
 
 
 #: The grid `tune_decoding_bias` searches by default.

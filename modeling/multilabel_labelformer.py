@@ -715,6 +715,18 @@ class ThresholdDecisionMixin:
         self.config.classifier_threshold = best
         return best, f1
 
+    def tune_decision_rule(
+        self, probs: torch.Tensor, targets: torch.Tensor, named: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """Fit the decision rule on validation data: the threshold, and with ``named`` ``[n, L]`` (and
+        ``config.label_name_token_ids``) the label-name bias with it; returns ``{"threshold", "label_name_bias",
+        "micro_f1"}``."""
+        if named is None or self.config.label_name_token_ids is None:
+            threshold, f1 = self.tune_threshold(probs, targets)
+            return {"threshold": threshold, "label_name_bias": self.config.label_name_bias, "micro_f1": f1}
+        tuned = self.tune_label_name_bias(probs, named, targets)
+        return {key: tuned[key] for key in ("threshold", "label_name_bias", "micro_f1")}
+
     def tune_label_name_bias(
         self,
         probs: torch.Tensor,
@@ -813,13 +825,18 @@ class LabelformerForMultiLabelClassification(
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
         )
 
+    def label_probabilities(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sigmoid probabilities ``[b, num_labels]`` for ids ``[b, s]`` (no label-name bias: the decision adds it)."""
+        return torch.sigmoid(self(input_ids=input_ids, attention_mask=attention_mask).logits.float())
+
     def predict_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
     ) -> list[dict[str, float]]:
         """Threshold decisions for a tokenized batch ``[b, s]``; scores are sigmoid probabilities
         (with the label-name bias, when it is on)."""
-        probs = torch.sigmoid(self(input_ids=input_ids, attention_mask=attention_mask).logits.float())
-        probs = with_logit_bias(probs, self.label_name_logit_bias(input_ids))
+        probs = with_logit_bias(
+            self.label_probabilities(input_ids, attention_mask), self.label_name_logit_bias(input_ids)
+        )
         return chosen_label_dicts(probs, self.decide(probs), self.config.id2label)
 
 
