@@ -33,9 +33,7 @@ from .multilabel_labelformer import (
     MultiLabelPredictionMixin,
     ThresholdDecisionMixin,
     _GreedyLabelDecoder,
-    chosen_label_dicts,
     label_name_row_bias,
-    with_logit_bias,
 )
 
 _HEADS = (LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification)
@@ -157,9 +155,7 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         if num_beams < 1:
             raise ValueError(f"`num_beams` must be >= 1, got {num_beams}.")
         if not self.is_generation:
-            probs = self.label_probabilities(input_ids, attention_mask)
-            probs = with_logit_bias(probs, self.label_name_logit_bias(input_ids))
-            return chosen_label_dicts(probs, self.decide(probs), self.config.id2label)
+            return self.threshold_label_dicts(input_ids, attention_mask)
         states = [m.model.encoder(input_ids, attention_mask).last_hidden_state for m in self.members]
         batch, source_len = input_ids.shape
         decoder = _GreedyLabelDecoder(list(self.members), batch, source_len, self.config.effective_max_labels + 1,

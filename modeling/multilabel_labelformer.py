@@ -699,6 +699,13 @@ class ThresholdDecisionMixin:
 
     config: LabelformerConfig
 
+    def threshold_label_dicts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[dict[str, float]]:
+        """Ids ``[b, s]`` -> per row ``{label: probability}`` of the chosen labels: ``label_probabilities``
+        shifted by the label-name bias (when it is on), then `decide`."""
+        probs = self.label_probabilities(input_ids, attention_mask)
+        probs = with_logit_bias(probs, self.label_name_logit_bias(input_ids))
+        return chosen_label_dicts(probs, self.decide(probs), self.config.id2label)
+
     def decide(self, probs: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         """Boolean ``[n, L]`` decisions for probabilities ``[n, L]`` under this config's rules."""
         threshold = self.config.classifier_threshold if threshold is None else threshold
@@ -834,10 +841,7 @@ class LabelformerForMultiLabelClassification(
     ) -> list[dict[str, float]]:
         """Threshold decisions for a tokenized batch ``[b, s]``; scores are sigmoid probabilities
         (with the label-name bias, when it is on)."""
-        probs = with_logit_bias(
-            self.label_probabilities(input_ids, attention_mask), self.label_name_logit_bias(input_ids)
-        )
-        return chosen_label_dicts(probs, self.decide(probs), self.config.id2label)
+        return self.threshold_label_dicts(input_ids, attention_mask)
 
 
 def chosen_label_dicts(probs: torch.Tensor, chosen: torch.Tensor, id2label: dict[int, str]) -> list[dict[str, float]]:
