@@ -110,6 +110,12 @@ class LabelformerConfig(PretrainedConfig):
             the generation head at every decoding step. It lets the label names help rare labels
             the model saw too few examples of; 0 turns it off. Fit it on validation data
             (`tune_label_name_bias`, `tune_decoding_bias`).
+        label_name_feature: Learn how much a label's name in the input counts, in training: the
+            multi-label heads add ``(shared + weight[label])`` to the logit of every named label
+            (`LabelNameEvidence`: one shared weight, starting at 1, plus one per label, starting at
+            0), in the loss and when deciding. The per-label part lets the model discount names that
+            occur without their label ("trade", "interest"); rare labels lean on the shared part.
+            Needs ``label_name_token_ids``; ``label_name_bias`` still adds on top when deciding.
     """
 
     model_type = "labelformer"
@@ -160,6 +166,7 @@ class LabelformerConfig(PretrainedConfig):
         label_logit_bias: list[float] | None = None,
         label_name_token_ids: list[list[list[int]]] | None = None,
         label_name_bias: float = 0.0,
+        label_name_feature: bool = False,
         pad_token_id: int = PAD_TOKEN_ID,
         bos_token_id: int = BOS_TOKEN_ID,
         eos_token_id: int = EOS_TOKEN_ID,
@@ -204,6 +211,7 @@ class LabelformerConfig(PretrainedConfig):
         self.label_logit_bias = None if label_logit_bias is None else list(label_logit_bias)
         self.label_name_token_ids = label_name_token_ids
         self.label_name_bias = label_name_bias
+        self.label_name_feature = label_name_feature
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -288,12 +296,19 @@ class LabelformerConfig(PretrainedConfig):
     def _validate_label_names(self) -> None:
         if not _is_finite_number(self.label_name_bias):
             raise ValueError(f"`label_name_bias` must be a finite number (0 = off), got {self.label_name_bias!r}.")
+        if not isinstance(self.label_name_feature, bool):
+            raise ValueError(f"`label_name_feature` must be True or False, got {self.label_name_feature!r}.")
         names = self.label_name_token_ids
         if names is None:
             if self.label_name_bias:
                 raise ValueError(
                     "`label_name_bias` is set but `label_name_token_ids` is None: build them with "
                     "label_name_token_ids(labels, tokenizer) (or set label_name_bias=0)."
+                )
+            if self.label_name_feature:
+                raise ValueError(
+                    "`label_name_feature=True` needs `label_name_token_ids`: build them with "
+                    "label_name_token_ids(labels, tokenizer) (or set label_name_feature=False)."
                 )
             return
         if not isinstance(names, list) or len(names) != self.num_labels:

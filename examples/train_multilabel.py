@@ -174,13 +174,15 @@ def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labe
     """The head of ``--head``; ``max_labels`` defaults to the most labels a training document has.
 
     With ``--label_names`` the threshold and generation heads get each label name's token ids
-    (``label_name_token_ids``), so their label-name bias can be fit on validation data.
+    (``label_name_token_ids``), so their label-name bias can be fit on validation data; with
+    ``--label_name_feature`` they also learn a weight for the names in training (`LabelNameEvidence`).
     """
     names = label_name_token_ids(labels, tokenizer) if args.label_names and args.head != "parallel" else None
     config = LabelformerConfig.from_labels(
         labels,
         vocab_size=len(tokenizer),
         label_name_token_ids=names,
+        label_name_feature=bool(args.label_name_feature and names is not None),
         d_model=args.d_model,
         encoder_layers=args.encoder_layers,
         decoder_layers=args.decoder_layers,
@@ -230,6 +232,11 @@ def init_encoder_from(model: torch.nn.Module, folder: str) -> None:
             f"other shapes {wrong[:3]}). Use the same model sizes and tokenizer as that run."
         )
     encoder.load_state_dict({k: source[k] for k in expected})
+    evidence = getattr(model, "label_name_evidence", None)
+    learned = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("label_name_evidence.")}
+    has_weights = evidence is not None and learned.keys() == evidence.state_dict().keys()
+    if has_weights and learned["weight"].shape == evidence.weight.shape:  # its learned label-name weights too
+        evidence.load_state_dict(learned)
     logger.info("encoder initialised from %s", folder)
 
 
@@ -806,6 +813,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Use the label names as evidence: a label whose name occurs in a document gets a logit bonus, fit on "
         "validation with the threshold (threshold head) or with the decoding bias (generation head).",
     )  # fmt: skip
+    g.add_argument(
+        "--label_name_feature", action=argparse.BooleanOptionalAction, default=False,
+        help="With --label_names (threshold and generation heads): also learn, in training, how much a label's name "
+        "in a document counts (one shared weight plus one per label, added to the named labels' logits).",
+    )  # fmt: skip
     g.add_argument("--num_beams", type=int, default=3, help="Also evaluate test with this beam width (generation).")
     g.add_argument("--report_to", default="auto", help="'auto' (tensorboard/trackio if installed), 'none', or one.")
     g.add_argument("--show_examples", type=int, default=5)
@@ -821,6 +833,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in settings.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.label_name_feature and (not args.label_names or args.head == "parallel"):
+        p.error("--label_name_feature needs --label_names and the threshold or generation head.")
     if args.encoder_lr_scale <= 0:
         p.error(f"--encoder_lr_scale must be > 0 (got {args.encoder_lr_scale}); 1 trains all weights at one rate.")
     return args

@@ -33,7 +33,9 @@ from .multilabel_labelformer import (
     MultiLabelPredictionMixin,
     ThresholdDecisionMixin,
     _GreedyLabelDecoder,
+    add_optional,
     label_name_row_bias,
+    per_model,
 )
 
 _HEADS = (LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification)
@@ -160,11 +162,17 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         batch, source_len = input_ids.shape
         decoder = _GreedyLabelDecoder(list(self.members), batch, source_len, self.config.effective_max_labels + 1,
                                       states[0].device, states[0].dtype, cuda_graph=False)  # fmt: skip
-        row_bias = label_name_row_bias(self, input_ids)
+        row_bias = self.member_row_biases(input_ids)
         tokens, scores = decoder(states, attention_mask, row_bias)
         if num_beams > 1:
             tokens, scores = self._rerank(tokens, states, attention_mask, num_beams, row_bias)
         return self.members[0]._label_dicts(tokens, scores)
+
+    def member_row_biases(self, input_ids: torch.Tensor) -> list[torch.Tensor | None]:
+        """Generation heads: per member, what decoding adds to each row ``[b, v]`` for ids ``[b, s]``: the
+        ensemble's label-name bias plus the member's own learned label-name term (``None``: nothing)."""
+        shared = label_name_row_bias(self, input_ids)
+        return [add_optional(shared, member.learned_row_bias(input_ids)) for member in self.members]
 
     def sequence_scores(
         self,
@@ -172,7 +180,7 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         states: Sequence[torch.Tensor],
         attention_mask: torch.Tensor,
         rows: torch.Tensor,
-        row_bias: torch.Tensor | None = None,
+        row_bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ensemble's view of candidate label sequences.
 
@@ -181,7 +189,8 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
             states: each member's encoder output ``[b, s, d]``.
             attention_mask: ``[b, s]``.
             rows: ``[n]`` the batch row each candidate belongs to.
-            row_bias: ``[b, v]`` label-name bias of each batch row (`decoder_row_bias`), or ``None``.
+            row_bias: ``[b, v]`` what decoding adds to each batch row (`member_row_biases`): one for all
+                members or one per member; ``None`` for nothing.
 
         Returns:
             ``[n]`` log-probability of each sequence up to and including its EOS, and ``[n, t]``
@@ -189,10 +198,10 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         """
         start = torch.full_like(sequences[:, :1], self.config.decoder_start_token_id)
         with_start = torch.cat([start, sequences], dim=1)
-        bias = None if row_bias is None else row_bias[rows]
+        biases = [None if b is None else b[rows] for b in per_model(row_bias, len(self.members))]
         step_probs = sum(
             m.label_scores(with_start, BaseModelOutput(last_hidden_state=h[rows]), attention_mask[rows], bias)
-            for m, h in zip(self.members, states)
+            for m, h, bias in zip(self.members, states, biases)
         ) / len(self.members)  # fmt: skip
         is_end = (sequences < NUM_SPECIAL_DECODER_TOKENS).long()  # [n, t]: EOS or padding
         scored = is_end.cumsum(1) - is_end == 0  # [n, t]: no EOS before this position
@@ -205,7 +214,7 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         states: Sequence[torch.Tensor],
         attention_mask: torch.Tensor,
         num_beams: int,
-        row_bias: torch.Tensor | None = None,
+        row_bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Best of {ensemble greedy} + {each member's beams} per row: ``[b, t]`` tokens and step probabilities."""
         pad, batch = self.config.pad_token_id, greedy.shape[0]
@@ -217,11 +226,11 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
 
         for row, tokens in enumerate(greedy.tolist()):
             add(row, tokens)
-        for member, h in zip(self.members, states):
+        for member, h, bias in zip(self.members, states, per_model(row_bias, len(self.members))):
             beams = member.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=h), attention_mask=attention_mask,
                 num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
-                logits_processor=None if row_bias is None else [DecodingBiasLogitsProcessor(row_bias)],
+                logits_processor=None if bias is None else [DecodingBiasLogitsProcessor(bias)],
             )  # fmt: skip
             for i, tokens in enumerate(beams[:, 1:].tolist()):
                 add(i // num_beams, tokens)

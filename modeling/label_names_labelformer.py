@@ -5,7 +5,9 @@ it almost never predicts them, and macro-F1 (the mean over labels) pays for it. 
 often say what to look for ("nickel", "rape-oil", "platinum"). A label is *named* in a document
 when every word of its name occurs among the document's input tokens; the multi-label heads can
 add ``config.label_name_bias`` to the logits of the named labels when they decide (fit on
-validation data like the threshold, never part of the training loss).
+validation data like the threshold, never part of the training loss). With
+``config.label_name_feature`` they also *learn* how much a name counts (`LabelNameEvidence`), in
+the training loss and when deciding.
 
     config.label_name_token_ids = label_name_token_ids(labels, tokenizer)
     named = named_labels(input_ids, config.label_name_token_ids)  # [b, num_labels] bool
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 #: Name words shorter than this are ignored ("l" in "l-cattle"); a name without any word never matches.
 MIN_WORD_LENGTH = 3
@@ -86,4 +89,34 @@ def named_labels(input_ids: torch.Tensor, name_token_ids: Sequence[Sequence[Sequ
     return present[:, parts].all(-1) & has_words  # [b, L]
 
 
-__all__ = ["MIN_WORD_LENGTH", "label_name_token_ids", "label_name_words", "named_labels"]
+#: Where `LabelNameEvidence.shared` starts: a named label starts one logit unit more likely.
+LABEL_NAME_FEATURE_INIT = 1.0
+
+
+class LabelNameEvidence(nn.Module):
+    """The learned weight of label-name evidence (``config.label_name_feature``).
+
+    ``named`` ``[b, L]`` (`named_labels`) -> logit term ``[b, L]`` = ``named * (shared + weight)``:
+    ``shared`` (a scalar, starting at `LABEL_NAME_FEATURE_INIT`) is what a name is worth to any
+    label, ``weight`` ``[L]`` (starting at 0) each label's correction, learned from the labels'
+    own training documents. Labels with few documents keep about the shared value.
+    """
+
+    def __init__(self, num_labels: int) -> None:
+        super().__init__()
+        self.shared = nn.Parameter(torch.full((), LABEL_NAME_FEATURE_INIT))
+        self.weight = nn.Parameter(torch.zeros(num_labels))
+
+    def forward(self, named: torch.Tensor) -> torch.Tensor:
+        """``[b, L]`` bool -> ``[b, L]`` logit term in the parameters' dtype."""
+        return named.to(self.weight.dtype) * (self.shared + self.weight)
+
+
+__all__ = [
+    "LABEL_NAME_FEATURE_INIT",
+    "MIN_WORD_LENGTH",
+    "LabelNameEvidence",
+    "label_name_token_ids",
+    "label_name_words",
+    "named_labels",
+]

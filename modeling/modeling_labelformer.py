@@ -40,6 +40,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_labelformer import LabelformerConfig
+from .label_names_labelformer import LABEL_NAME_FEATURE_INIT, LabelNameEvidence
 
 logger = logging.get_logger(__name__)
 
@@ -700,6 +701,9 @@ class LabelformerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, LearnedPositionalEmbedding):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, LabelNameEvidence):
+            init.constant_(module.shared, LABEL_NAME_FEATURE_INIT)
+            init.zeros_(module.weight)
         elif isinstance(module, SinusoidalPositionalEncoding):
             # Non-persistent: never in a checkpoint, so rebuild it here after loading.
             init.copy_(module.table, module.build_table(module.table.shape[0], module.table.device))

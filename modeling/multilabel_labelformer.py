@@ -27,12 +27,13 @@ from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOut
 from transformers.utils import logging
 
 from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
-from .label_names_labelformer import named_labels
+from .label_names_labelformer import LabelNameEvidence, named_labels
 from .modeling_labelformer import (
     LabelformerEncoder,
     LabelformerForConditionalGeneration,
     LabelformerPreTrainedModel,
     StaticDecodingCache,
+    sequence_cross_entropy,
     shift_tokens_right,
 )
 from .pipeline_labelformer import TASK as PIPELINE_TASK
@@ -183,6 +184,19 @@ class MultiLabelPredictionMixin:
         named = named_labels(input_ids, self.config.label_name_token_ids)
         return named.float() * self.config.label_name_bias
 
+    def learned_name_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """``[b, num_labels]``: the learned label-name term (`LabelNameEvidence`) for ids ``[b, s]``, or
+        ``None`` without ``config.label_name_feature``. Part of the model's logits, in training too."""
+        evidence = getattr(self, "label_name_evidence", None)
+        if evidence is None:
+            return None
+        if input_ids is None:
+            raise ValueError(
+                "This model was trained with `label_name_feature`: it matches label names in `input_ids`, so pass "
+                "`input_ids` (not only `inputs_embeds` or `encoder_outputs`)."
+            )
+        return evidence(named_labels(input_ids, self.config.label_name_token_ids))
+
     def set_label_name_bias(self, bias: float, name_token_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
         """Set (and validate) ``config.label_name_bias`` (and, if given, ``label_name_token_ids``);
         `save_pretrained` keeps them."""
@@ -308,8 +322,8 @@ class _GreedyLabelDecoder:
         self.caches = [StaticDecodingCache(m.model.decoder, batch, source_len, steps, device, dtype) for m in models]
         #: Each model's `decoding_bias`, refreshed on every call (static tensors a CUDA graph can read).
         self.biases = [torch.zeros(m.config.decoder_vocab_size, device=device) for m in models]
-        #: The label-name bias of each row (`decoder_row_bias`), the same for every model; zeros when off.
-        self.row_bias = torch.zeros(batch, models[0].config.decoder_vocab_size, device=device)
+        #: Per model, what decoding adds to each row (`decoder_row_bias`: label-name bias and learned term).
+        self.row_biases = [torch.zeros(batch, m.config.decoder_vocab_size, device=device) for m in models]
         self.batch, self.steps, self.device = batch, steps, device
         self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -326,10 +340,10 @@ class _GreedyLabelDecoder:
         for step in range(self.steps):
             allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
             probs = sum(
-                (model.lm_head(model.model.decoder.decode_step(current, cache, step)).float() + bias + self.row_bias)
+                (model.lm_head(model.model.decoder.decode_step(current, cache, step)).float() + bias + row_bias)
                 .masked_fill(~allowed, float("-inf"))
                 .softmax(-1)
-                for model, cache, bias in zip(self.models, self.caches, self.biases)
+                for model, cache, bias, row_bias in zip(self.models, self.caches, self.biases, self.row_biases)
             )
             if len(self.models) > 1:
                 probs = probs / len(self.models)
@@ -351,18 +365,19 @@ class _GreedyLabelDecoder:
         self,
         encoder_states: Sequence[torch.Tensor],
         attention_mask: torch.Tensor | None,
-        row_bias: torch.Tensor | None = None,
+        row_bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     ):
-        """One ``[b, s, d]`` encoder output per model (and the ``[b, v]`` label-name bias, if any) ->
-        ``[b, t]`` tokens and ``[b, t]`` probabilities."""
+        """One ``[b, s, d]`` encoder output per model (and the ``[b, v]`` row bias, `decoder_row_bias`: one
+        for all models or one per model; ``None`` for none) -> ``[b, t]`` tokens and ``[b, t]`` probabilities."""
         for cache, states in zip(self.caches, encoder_states, strict=True):
             cache.set_encoder_states(states, attention_mask)
         for model, bias in zip(self.models, self.biases):
             bias.copy_(model.decoding_bias(bias.device))
-        if row_bias is None:
-            self.row_bias.zero_()
-        else:
-            self.row_bias.copy_(row_bias)
+        for static, given in zip(self.row_biases, per_model(row_bias, len(self.models)), strict=True):
+            if given is None:
+                static.zero_()
+            else:
+                static.copy_(given)
         if not self.cuda_graph:
             return self._decode(early_exit=True)
         if self.graph is None:
@@ -411,6 +426,8 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         self.use_cuda_graphs = True
         if config.auxiliary_bce_weight:
             self.auxiliary_classifier = nn.Linear(config.d_model, config.num_labels)
+        self.label_name_evidence = LabelNameEvidence(config.num_labels) if config.label_name_feature else None
+        if config.auxiliary_bce_weight or config.label_name_feature:
             self.post_init()
 
     def label_processor(self) -> LabelSetLogitsProcessor:
@@ -428,10 +445,17 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
             bias[NUM_SPECIAL_DECODER_TOKENS:] = torch.tensor(self.config.label_logit_bias, dtype=torch.float)
         return bias.to(device) if device is not None else bias
 
+    def learned_row_bias(self, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The learned label-name term (`learned_name_logits`) over the decoder vocabulary: ``[b, v]``
+        (0 at pad/bos/eos), or ``None`` without ``config.label_name_feature``."""
+        term = self.learned_name_logits(input_ids)
+        return None if term is None else nn.functional.pad(term.float(), (NUM_SPECIAL_DECODER_TOKENS, 0))
+
     def decoder_row_bias(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """The label-name bias over the decoder vocabulary: ``[b, decoder_vocab_size]`` (0 at pad/bos/eos),
-        or ``None`` when it is off."""
-        return label_name_row_bias(self, input_ids)
+        """What decoding adds to each row's logits for its input ``[b, s]``: the label-name bias and the
+        learned label-name term, over the decoder vocabulary ``[b, decoder_vocab_size]`` (0 at
+        pad/bos/eos), or ``None`` when both are off."""
+        return add_optional(label_name_row_bias(self, input_ids), self.learned_row_bias(input_ids))
 
     def set_decoding_bias(self, eos_logit_bias: float = 0.0, label_logit_bias: Sequence[float] | None = None) -> None:
         """Set (and validate) the decoding bias in the config; `save_pretrained` keeps it."""
@@ -462,13 +486,19 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         return super().generate(*args, logits_processor=processors, **kwargs)
 
     def _scheduled_sampling_inputs(
-        self, labels: torch.Tensor, encoder_outputs: BaseModelOutput, attention_mask: torch.Tensor | None
+        self,
+        labels: torch.Tensor,
+        encoder_outputs: BaseModelOutput,
+        attention_mask: torch.Tensor | None,
+        row_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Gold decoder inputs ``[b, t]`` with some replaced by the model's own constrained greedy choices."""
+        """Gold decoder inputs ``[b, t]`` with some replaced by the model's own constrained greedy choices
+        (with the learned label-name term ``row_bias`` ``[b, v]``, if any)."""
         gold = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
         with torch.no_grad():
             detached = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state.detach())
-            predicted = self._constrained_logits(gold, detached, attention_mask).argmax(-1)  # [b, t]: guess for t+1
+            bias = None if row_bias is None else row_bias.detach()
+            predicted = self._constrained_logits(gold, detached, attention_mask, bias).argmax(-1)  # [b, t]: next
         replace = torch.rand(gold.shape, device=gold.device) < self.scheduled_sampling_probability
         replace[:, 0] = False  # the start token stays
         replace &= labels != -100  # and so does padding (input t is label t-1; padded labels stay padded)
@@ -485,26 +515,40 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """As `LabelformerForConditionalGeneration.forward`, plus scheduled sampling and the auxiliary loss.
+        """As `LabelformerForConditionalGeneration.forward`, plus scheduled sampling, the auxiliary loss and
+        the learned label-name term.
 
         With ``config.auxiliary_bce_weight`` > 0 and ``labels`` given, the loss is the sequence
         cross-entropy plus that weight times the BCE of ``auxiliary_classifier`` (mean-pooled encoder
         ``[b, d]`` -> ``[b, num_labels]``) against the label set read off ``labels`` ``[b, t]``.
+        With ``config.label_name_feature`` and ``input_ids`` given, the learned label-name term
+        (`learned_row_bias`, ``[b, v]``) is added to the logits at every position, before the loss.
+        Called without ``input_ids`` (``encoder_outputs`` only, as `generate()` does step by step) the
+        logits lack it: decoding adds it as the row bias of `decoder_row_bias`.
         """
+        learned = None
+        if input_ids is not None or labels is not None:
+            learned = self.learned_row_bias(input_ids)  # with the feature, training without `input_ids` raises
         sampling = self.training and self.scheduled_sampling_probability and decoder_input_ids is None
         auxiliary = self.config.auxiliary_bce_weight and labels is not None
         if labels is not None and (sampling or auxiliary) and encoder_outputs is None:
             encoder_outputs = self.model.encoder(input_ids, attention_mask)
         if labels is not None and sampling:
-            decoder_input_ids = self._scheduled_sampling_inputs(labels, encoder_outputs, attention_mask)
+            decoder_input_ids = self._scheduled_sampling_inputs(labels, encoder_outputs, attention_mask, learned)
+        if labels is not None and decoder_input_ids is None and kwargs.get("decoder_inputs_embeds") is None:
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
             encoder_outputs=encoder_outputs,
-            labels=labels,
+            labels=labels if learned is None else None,
             **kwargs,
         )
+        if learned is not None:
+            outputs.logits = outputs.logits + learned[:, None, :].to(outputs.logits.dtype)
+            if labels is not None:
+                outputs.loss = sequence_cross_entropy(outputs.logits, labels, self.config.label_smoothing)
         if auxiliary:
             outputs.loss = outputs.loss + self.config.auxiliary_bce_weight * self._auxiliary_loss(
                 encoder_outputs[0], attention_mask, labels
@@ -664,6 +708,22 @@ def with_logit_bias(probs: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
     return torch.sigmoid(torch.logit(probs.double().clamp(1e-12, 1 - 1e-12)) + bias.double()).to(probs.dtype)
 
 
+def per_model(row_bias: torch.Tensor | Sequence[torch.Tensor | None] | None, count: int) -> list[torch.Tensor | None]:
+    """A row bias for each of ``count`` models: one tensor (or ``None``) shared by all, or one per model."""
+    if row_bias is None or isinstance(row_bias, torch.Tensor):
+        return [row_bias] * count
+    if len(row_bias) != count:
+        raise ValueError(f"Got {len(row_bias)} row biases for {count} models.")
+    return list(row_bias)
+
+
+def add_optional(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    """``first + second`` where either may be ``None`` (absent); ``None`` when both are."""
+    if first is None:
+        return second
+    return first if second is None else first + second
+
+
 def label_name_row_bias(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
     """A generation head's (or ensemble's) label-name bias over its decoder vocabulary ``[b, v]``, or ``None``."""
     bias = model.label_name_logit_bias(input_ids)
@@ -791,6 +851,7 @@ class LabelformerForMultiLabelClassification(
         self.encoder = LabelformerEncoder(config, embed_tokens)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(config.d_model, config.num_labels)
+        self.label_name_evidence = LabelNameEvidence(config.num_labels) if config.label_name_feature else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -816,7 +877,11 @@ class LabelformerForMultiLabelClassification(
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutput:
-        """``[b, s]`` ids -> ``logits`` ``[b, num_labels]``; with ``labels`` also the mean BCE ``loss``."""
+        """``[b, s]`` ids -> ``logits`` ``[b, num_labels]``; with ``labels`` also the mean BCE ``loss``.
+
+        With ``config.label_name_feature`` the logits include the learned label-name term
+        (`learned_name_logits`), which needs ``input_ids``.
+        """
         encoded = self.encoder(
             input_ids,
             attention_mask,
@@ -825,6 +890,9 @@ class LabelformerForMultiLabelClassification(
             output_hidden_states=bool(output_hidden_states),
         )
         logits = self.classifier(self.dropout(self.pool(encoded.last_hidden_state, attention_mask)))
+        learned = self.learned_name_logits(input_ids)
+        if learned is not None:
+            logits = logits + learned.to(logits.dtype)
         loss = None
         if labels is not None:
             loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.to(torch.float32))
@@ -860,6 +928,7 @@ __all__ = [
     "MultiLabelPredictionMixin",
     "ThresholdDecisionMixin",
     "LABEL_NAME_BIASES",
+    "add_optional",
     "allowed_label_tokens",
     "check_texts",
     "threshold_decisions",

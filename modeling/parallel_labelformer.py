@@ -71,6 +71,11 @@ class LabelformerForParallelLabelGeneration(MultiLabelPredictionMixin, Labelform
 
     def __init__(self, config: LabelformerConfig) -> None:
         _check_label_vocabulary(config)
+        if config.label_name_feature:
+            raise ValueError(
+                "The parallel head does not support `label_name_feature`; use the generation or threshold head, "
+                "or set label_name_feature=False."
+            )
         super().__init__(config)
         self.num_slots = config.effective_num_label_slots
         embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)

@@ -246,3 +246,113 @@ def test_threshold_ensemble_starts_from_the_members_mean_bias():
     assert LabelformerEnsemble(members).config.label_name_bias == 1.5
     generators = [named_model(LabelformerForMultiLabelGeneration, seed, bias=b) for seed, b in ((0, 1.0), (1, 2.0))]
     assert LabelformerEnsemble(generators).config.label_name_bias == 1.0  # member 0's, like its decoding bias
+
+
+# ---- the learned label-name term (config.label_name_feature)
+
+
+def learned_model(head, seed: int = 0, shared: float = 1.0, weight: list[float] | None = None, **overrides):
+    model = named_model(head, seed, label_name_feature=True, **overrides)
+    with torch.no_grad():
+        model.label_name_evidence.shared.fill_(shared)
+        if weight is not None:
+            model.label_name_evidence.weight.copy_(torch.tensor(weight))
+    return model
+
+
+def twin_without_feature(model):
+    """The same weights in a model without the learned term."""
+    plain = type(model)(synthetic_config(init_std=0.3, label_name_token_ids=NAMES)).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and set(unexpected) == {"label_name_evidence.shared", "label_name_evidence.weight"}
+    return plain
+
+
+WEIGHTS = [0.5, -1.0, 0.0, 2.0, 0.0, 0.0, -0.5, 3.0]  # class_7 has no name: its weight never counts
+
+
+def test_threshold_head_learns_the_name_term_in_its_logits_and_loss():
+    model = learned_model(LabelformerForMultiLabelClassification, shared=1.5, weight=WEIGHTS)
+    assert model.label_name_evidence.shared.item() == 1.5
+    fresh = named_model(LabelformerForMultiLabelClassification, label_name_feature=True)
+    assert fresh.label_name_evidence.shared.item() == 1.0 and not fresh.label_name_evidence.weight.any()
+    ids, mask = batch(7)
+    named = brute_force_named(ids, NAMES).float()
+    with torch.no_grad():
+        plain = twin_without_feature(model)(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, plain + named * (1.5 + torch.tensor(WEIGHTS)))
+    targets = (torch.rand(len(ids), NUM_CLASSES, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=targets).loss
+    loss.backward()
+    grad = model.label_name_evidence.weight.grad
+    assert model.label_name_evidence.shared.grad.abs() > 0
+    assert grad[named.sum(0) == 0].abs().max() == 0 and grad[named.sum(0) > 0].abs().min() > 0  # named labels only
+    with pytest.raises(ValueError, match="pass `input_ids`"):
+        model(inputs_embeds=torch.zeros(2, 5, 64), labels=targets[:2])
+
+
+def test_generation_head_adds_the_learned_term_once_on_every_path(tmp_path):
+    model = learned_model(LabelformerForMultiLabelGeneration, seed=8, shared=2.0, weight=WEIGHTS)
+    ids, mask = batch(8)
+    learned = torch.nn.functional.pad(brute_force_named(ids, NAMES).float() * (2.0 + torch.tensor(WEIGHTS)), (3, 0))
+    labels = torch.tensor([[5, 3, 2]] * len(ids))
+    plain = twin_without_feature(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder_row_bias(ids), learned)
+        logits = model(input_ids=ids, attention_mask=mask, labels=labels).logits
+        want = plain(input_ids=ids, attention_mask=mask, labels=labels).logits + learned[:, None, :]
+        torch.testing.assert_close(logits, want)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        expected = torch.nn.functional.cross_entropy(want.reshape(-1, want.shape[-1]), labels.reshape(-1))
+        torch.testing.assert_close(loss, expected)
+    # greedy fast path == generate(input_ids=...) rescored: generate must not add the term twice
+    fast = check_fast_greedy_matches_generate(model, ids, mask)
+    model.set_label_name_bias(1.0)  # the decision-time bias adds on top of the learned term
+    named = torch.nn.functional.pad(brute_force_named(ids, NAMES).float(), (3, 0))
+    torch.testing.assert_close(model.decoder_row_bias(ids), learned + named)
+    model.set_label_name_bias(0.0)
+    model.save_pretrained(tmp_path)
+    loaded = LabelformerForMultiLabelGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.label_name_evidence.shared.item() == 2.0
+    with torch.no_grad():
+        assert loaded.predict_batch(ids, mask) == fast
+        assert loaded.predict_batch(ids, mask, 3) == model.predict_batch(ids, mask, 3)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generation_ensembles_add_each_members_own_learned_term(num_beams):
+    ids, mask = batch(9)
+    named = brute_force_named(ids, NAMES)
+    strong = learned_model(LabelformerForMultiLabelGeneration, seed=9, shared=40.0)
+    plain = named_model(LabelformerForMultiLabelGeneration, seed=10)
+    with torch.no_grad():
+        if num_beams == 1:  # two copies of one model decode as that model
+            assert LabelformerEnsemble([strong, strong]).predict_batch(ids, mask) == strong.predict_batch(ids, mask)
+        predictions = LabelformerEnsemble([strong, plain]).predict_batch(ids, mask, num_beams)
+        biases = LabelformerEnsemble([strong, plain]).member_row_biases(ids)
+    assert biases[1] is None and torch.equal(biases[0], strong.decoder_row_bias(ids))
+    for row, predicted in enumerate(predictions):  # the strong member's names win the averaged distribution
+        wanted = {LABELS[j] for j in named[row].nonzero().flatten().tolist()}
+        assert set(list(predicted)[: len(wanted)]) == wanted
+
+
+def test_threshold_ensemble_averages_members_with_their_learned_terms():
+    members = [learned_model(LabelformerForMultiLabelClassification, s, shared=v) for s, v in ((11, 3.0), (12, -1.0))]
+    ids, mask = batch(11)
+    with torch.no_grad():
+        mean = LabelformerEnsemble(members).label_probabilities(ids, mask)
+        want = sum(torch.sigmoid(m(input_ids=ids, attention_mask=mask).logits) for m in members) / 2
+    torch.testing.assert_close(mean, want)
+
+
+def test_bad_label_name_feature_settings_are_rejected():
+    with pytest.raises(ValueError, match="label_name_feature=True` needs `label_name_token_ids"):
+        synthetic_config(label_name_feature=True)
+    with pytest.raises(ValueError, match="label_name_feature` must be True or False"):
+        synthetic_config(label_name_token_ids=NAMES, label_name_feature="yes")
+    from modeling import LabelformerForParallelLabelGeneration
+
+    with pytest.raises(ValueError, match="parallel head does not support `label_name_feature`"):
+        LabelformerForParallelLabelGeneration(synthetic_config(label_name_token_ids=NAMES, label_name_feature=True))

@@ -251,9 +251,10 @@ def test_example_accelerate_configs_parse(name):
 
 
 def test_init_encoder_from_a_threshold_run(tmp_path, data_files, tokenizer_dir):
-    common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "1"]
+    common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "1",
+              "--label_name_feature"]  # fmt: skip
     run([*common, "--head", "threshold", "--output_dir", str(tmp_path / "threshold")])
-    # learning rate 0: the generator's saved encoder must be exactly the threshold head's
+    # learning rate 0: the generator's saved encoder (and learned label-name weights) must be the threshold head's
     run([*common, "--output_dir", str(tmp_path / "generation"), "--init_encoder_from", str(tmp_path / "threshold"),
          "--learning_rate", "0", "--num_beams", "1"])  # fmt: skip
     source = load_file(tmp_path / "threshold" / "model.safetensors")
@@ -262,9 +263,14 @@ def test_init_encoder_from_a_threshold_run(tmp_path, data_files, tokenizer_dir):
     assert encoder_keys
     for key in encoder_keys:
         torch.testing.assert_close(target[f"model.{key}"], source[key], rtol=0, atol=0)
+    assert source["label_name_evidence.shared"] != 1.0, "one epoch of training left the shared name weight alone"
+    for key in ("label_name_evidence.shared", "label_name_evidence.weight"):
+        torch.testing.assert_close(target[key], source[key], rtol=0, atol=0)
     proc = run([*common, "--output_dir", str(tmp_path / "bad"), "--init_encoder_from", str(tmp_path / "threshold"),
                 "--d_model", "48", "--attention_heads", "4"], check=False)  # fmt: skip
     assert proc.returncode == 2 and "does not fit this model" in proc.stderr
+    proc = run([*common, "--output_dir", str(tmp_path / "bad2"), "--no-label_names"], check=False)
+    assert proc.returncode == 2 and "--label_name_feature needs --label_names" in proc.stderr
 
 
 @pytest.mark.parametrize("head", ["generation", "threshold"])
