@@ -690,7 +690,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
 
 
 #: The label-name biases `tune_label_name_bias` (and `tune_decoding_bias`) try by default.
-LABEL_NAME_BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+LABEL_NAME_BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
 
 
 def threshold_decisions(probs: torch.Tensor, threshold: float, min_labels: int, max_labels: int) -> torch.Tensor:
