@@ -171,8 +171,9 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
     def member_row_biases(self, input_ids: torch.Tensor) -> list[torch.Tensor | None]:
         """Generation heads: per member, what decoding adds to each row ``[b, v]`` for ids ``[b, s]``: the
         ensemble's label-name bias plus the member's own learned label-name term (``None``: nothing)."""
-        shared = label_name_row_bias(self, input_ids)
-        return [add_optional(shared, member.learned_row_bias(input_ids)) for member in self.members]
+        named = self.named_for_decoding(input_ids)  # once for all: the members share labels and tokenizer
+        shared = label_name_row_bias(self, input_ids, named)
+        return [add_optional(shared, member.learned_row_bias(input_ids, named)) for member in self.members]
 
     def sequence_scores(
         self,

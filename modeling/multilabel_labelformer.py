@@ -176,26 +176,36 @@ class MultiLabelPredictionMixin:
         self.config.custom_pipelines = {PIPELINE_TASK: {"impl": impl, "pt": [self.pipeline_auto_class], "type": "text"}}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def label_name_logit_bias(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+    def label_name_logit_bias(self, input_ids: torch.Tensor, named: torch.Tensor | None = None) -> torch.Tensor | None:
         """``[b, num_labels]`` float: ``config.label_name_bias`` at the labels each row of ``input_ids``
-        ``[b, s]`` names (`named_labels`), else 0; ``None`` when the bias is off."""
+        ``[b, s]`` names (`named_labels`, or ``named`` ``[b, num_labels]`` when the caller has it), else 0;
+        ``None`` when the bias is off."""
         if not self.config.label_name_bias or self.config.label_name_token_ids is None:
             return None
-        named = named_labels(input_ids, self.config.label_name_token_ids)
+        named = named_labels(input_ids, self.config.label_name_token_ids) if named is None else named
         return named.float() * self.config.label_name_bias
 
-    def learned_name_logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """``[b, num_labels]``: the learned label-name term (`LabelNameEvidence`) for ids ``[b, s]``, or
-        ``None`` without ``config.label_name_feature``. Part of the model's logits, in training too."""
+    def learned_name_logits(self, input_ids: torch.Tensor, named: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``[b, num_labels]``: the learned label-name term (`LabelNameEvidence`) for ids ``[b, s]`` (or their
+        ``named`` ``[b, num_labels]``), or ``None`` without ``config.label_name_feature``. Part of the
+        model's logits, in training too."""
         evidence = getattr(self, "label_name_evidence", None)
         if evidence is None:
             return None
-        if input_ids is None:
+        if input_ids is None and named is None:
             raise ValueError(
                 "This model was trained with `label_name_feature`: it matches label names in `input_ids`, so pass "
                 "`input_ids` (not only `inputs_embeds` or `encoder_outputs`)."
             )
-        return evidence(named_labels(input_ids, self.config.label_name_token_ids))
+        return evidence(named_labels(input_ids, self.config.label_name_token_ids) if named is None else named)
+
+    def named_for_decoding(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """`named_labels` of ``input_ids`` ``[b, s]`` -> ``[b, num_labels]``, computed once for the label-name
+        bias and the learned term; ``None`` when neither is on."""
+        names = self.config.label_name_token_ids
+        if names is None or not (self.config.label_name_bias or self.config.label_name_feature):
+            return None
+        return named_labels(input_ids, names)
 
     def set_label_name_bias(self, bias: float, name_token_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
         """Set (and validate) ``config.label_name_bias`` (and, if given, ``label_name_token_ids``);
@@ -445,17 +455,20 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
             bias[NUM_SPECIAL_DECODER_TOKENS:] = torch.tensor(self.config.label_logit_bias, dtype=torch.float)
         return bias.to(device) if device is not None else bias
 
-    def learned_row_bias(self, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+    def learned_row_bias(
+        self, input_ids: torch.Tensor | None, named: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The learned label-name term (`learned_name_logits`) over the decoder vocabulary: ``[b, v]``
         (0 at pad/bos/eos), or ``None`` without ``config.label_name_feature``."""
-        term = self.learned_name_logits(input_ids)
+        term = self.learned_name_logits(input_ids, named)
         return None if term is None else nn.functional.pad(term.float(), (NUM_SPECIAL_DECODER_TOKENS, 0))
 
     def decoder_row_bias(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """What decoding adds to each row's logits for its input ``[b, s]``: the label-name bias and the
         learned label-name term, over the decoder vocabulary ``[b, decoder_vocab_size]`` (0 at
         pad/bos/eos), or ``None`` when both are off."""
-        return add_optional(label_name_row_bias(self, input_ids), self.learned_row_bias(input_ids))
+        named = self.named_for_decoding(input_ids)
+        return add_optional(label_name_row_bias(self, input_ids, named), self.learned_row_bias(input_ids, named))
 
     def set_decoding_bias(self, eos_logit_bias: float = 0.0, label_logit_bias: Sequence[float] | None = None) -> None:
         """Set (and validate) the decoding bias in the config; `save_pretrained` keeps it."""
@@ -724,9 +737,10 @@ def add_optional(first: torch.Tensor | None, second: torch.Tensor | None) -> tor
     return first if second is None else first + second
 
 
-def label_name_row_bias(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
-    """A generation head's (or ensemble's) label-name bias over its decoder vocabulary ``[b, v]``, or ``None``."""
-    bias = model.label_name_logit_bias(input_ids)
+def label_name_row_bias(model: Any, input_ids: torch.Tensor, named: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A generation head's (or ensemble's) label-name bias over its decoder vocabulary ``[b, v]``, or ``None``
+    (``named``: the `named_labels` of ``input_ids``, when the caller has them)."""
+    bias = model.label_name_logit_bias(input_ids, named)
     if bias is None:
         return None
     return nn.functional.pad(bias, (NUM_SPECIAL_DECODER_TOKENS, 0))
