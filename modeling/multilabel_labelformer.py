@@ -915,7 +915,8 @@ class LabelformerForMultiLabelClassification(
         )
 
     def label_probabilities(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Sigmoid probabilities ``[b, num_labels]`` for ids ``[b, s]`` (no label-name bias: the decision adds it)."""
+        """Sigmoid probabilities ``[b, num_labels]`` for ids ``[b, s]``: with the learned label-name term when
+        ``config.label_name_feature`` is on, without the decision-time ``label_name_bias`` (the decision adds it)."""
         return torch.sigmoid(self(input_ids=input_ids, attention_mask=attention_mask).logits.float())
 
     def predict_batch(
