@@ -93,7 +93,13 @@ class LabelformerConfig(PretrainedConfig):
         auxiliary_bce_weight: Weight of an auxiliary binary cross-entropy loss that the generation
             head adds in training: a linear classifier on the mean-pooled encoder predicts the
             label set directly, which gives the encoder a dense signal for every label (multi-task
-            learning). 0 turns it off; decoding never uses it.
+            learning). 0 turns it off. Decoding uses that classifier only with ``global_label_logits``.
+        global_label_logits: Generation head: add the logits of a document-level classifier
+            (mean-pooled encoder output -> one logit per label, ``auxiliary_classifier``) to the
+            label logits at every step, in training and in decoding. The decoder then starts from
+            per-label evidence like the threshold head's and learns the order, the dependencies
+            and where to stop. With ``auxiliary_bce_weight`` > 0 that classifier is also trained
+            with BCE on its own.
         unpad_encoder: Run the encoder's per-token work (projections, feed-forward, norms) on the
             real tokens of a padded batch only and pad just around attention: the same outputs at
             real positions (zeros at padding), less compute the more padding a batch has.
@@ -161,6 +167,7 @@ class LabelformerConfig(PretrainedConfig):
         classifier_pooling: str = "mean",
         classifier_dropout: float = 0.1,
         auxiliary_bce_weight: float = 0.0,
+        global_label_logits: bool = False,
         unpad_encoder: bool = True,
         eos_logit_bias: float = 0.0,
         label_logit_bias: list[float] | None = None,
@@ -206,6 +213,7 @@ class LabelformerConfig(PretrainedConfig):
         self.classifier_pooling = classifier_pooling
         self.classifier_dropout = classifier_dropout
         self.auxiliary_bce_weight = auxiliary_bce_weight
+        self.global_label_logits = global_label_logits
         self.unpad_encoder = unpad_encoder
         self.eos_logit_bias = eos_logit_bias
         self.label_logit_bias = None if label_logit_bias is None else list(label_logit_bias)
@@ -257,8 +265,9 @@ class LabelformerConfig(PretrainedConfig):
             raise ValueError(
                 f"`auxiliary_bce_weight` must be a number >= 0 (0 turns it off), got {self.auxiliary_bce_weight!r}."
             )
-        if not isinstance(self.unpad_encoder, bool):
-            raise ValueError(f"`unpad_encoder` must be True or False, got {self.unpad_encoder!r}.")
+        for name in ("unpad_encoder", "global_label_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if not _is_finite_number(self.eos_logit_bias):
             raise ValueError(f"`eos_logit_bias` must be a finite number (0 = no bias), got {self.eos_logit_bias!r}.")
         bias = self.label_logit_bias

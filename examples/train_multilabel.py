@@ -201,6 +201,7 @@ def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labe
         max_labels=args.max_labels or max_labels_seen,
         scheduled_sampling_prob=args.scheduled_sampling,
         auxiliary_bce_weight=args.auxiliary_bce_weight if args.head == "generation" else 0.0,
+        global_label_logits=bool(args.global_label_logits),
         parallel_loss=args.parallel_loss,
     )
     return HEADS[args.head](config)
@@ -237,6 +238,15 @@ def init_encoder_from(model: torch.nn.Module, folder: str) -> None:
     has_weights = evidence is not None and learned.keys() == evidence.state_dict().keys()
     if has_weights and learned["weight"].shape == evidence.weight.shape:  # its learned label-name weights too
         evidence.load_state_dict(learned)
+    document = getattr(model, "auxiliary_classifier", None)
+    classifier = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("classifier.")}
+    if (  # a threshold head's classifier starts the generator's document-level label logits
+        getattr(model.config, "global_label_logits", False)
+        and classifier.keys() == document.state_dict().keys()
+        and classifier["weight"].shape == document.weight.shape
+    ):
+        document.load_state_dict(classifier)
+        logger.info("document-level label logits initialised from the classifier in %s", folder)
     logger.info("encoder initialised from %s", folder)
 
 
@@ -777,6 +787,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel_loss", choices=["ordered", "hungarian"], default="ordered", help="--head parallel")
     g.add_argument("--scheduled_sampling", type=float, default=0.0, help="Final probability of feeding predictions.")
     g.add_argument("--auxiliary_bce_weight", type=float, default=0.0, help="Generation head: auxiliary BCE loss.")
+    g.add_argument(
+        "--global_label_logits", action=argparse.BooleanOptionalAction, default=False,
+        help="Generation head: add a document-level classifier's per-label logits (mean-pooled encoder) to the "
+        "label logits at every step. With --init_encoder_from a threshold run it starts from that run's classifier.",
+    )  # fmt: skip
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--max_steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
@@ -835,6 +850,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.label_name_feature and (not args.label_names or args.head == "parallel"):
         p.error("--label_name_feature needs --label_names and the threshold or generation head.")
+    if args.global_label_logits and args.head != "generation":
+        p.error(f"--global_label_logits is for --head generation (got --head {args.head}).")
     if args.encoder_lr_scale <= 0:
         p.error(f"--encoder_lr_scale must be > 0 (got {args.encoder_lr_scale}); 1 trains all weights at one rate.")
     return args

@@ -383,7 +383,9 @@ class _GreedyLabelDecoder:
             cache.set_encoder_states(states, attention_mask)
         for model, bias in zip(self.models, self.biases):
             bias.copy_(model.decoding_bias(bias.device))
-        for static, given in zip(self.row_biases, per_model(row_bias, len(self.models)), strict=True):
+        given_biases = per_model(row_bias, len(self.models))
+        for model, static, given, states in zip(self.models, self.row_biases, given_biases, encoder_states):
+            given = add_optional(given, model.global_row_bias(states, attention_mask))  # document-level logits
             if given is None:
                 static.zero_()
             else:
@@ -405,6 +407,15 @@ class _GreedyLabelDecoder:
 
 #: Per model: CUDA-graph decoders by batch shape (outside the module, so copies and pickles never see them).
 _GRAPH_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def label_set_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of per-label logits ``[b, num_labels]`` against the label sets in label sequences ``[b, t]``."""
+    logits = logits.float()
+    is_label = labels >= NUM_SPECIAL_DECODER_TOKENS  # [b, t]; padding (-100) and EOS are not labels
+    index = (labels - NUM_SPECIAL_DECODER_TOKENS).clamp(min=0)  # non-labels add 0 at index 0
+    targets = torch.zeros_like(logits).scatter_add_(1, index, is_label.to(logits.dtype)).clamp_(max=1.0)
+    return nn.functional.binary_cross_entropy_with_logits(logits, targets)
 
 
 def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -434,10 +445,10 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         self.scheduled_sampling_probability = config.scheduled_sampling_prob
         #: Replay `greedy_labels`' decoding loop as a CUDA graph on GPUs (captured per batch shape).
         self.use_cuda_graphs = True
-        if config.auxiliary_bce_weight:
+        if config.auxiliary_bce_weight or config.global_label_logits:
             self.auxiliary_classifier = nn.Linear(config.d_model, config.num_labels)
         self.label_name_evidence = LabelNameEvidence(config.num_labels) if config.label_name_feature else None
-        if config.auxiliary_bce_weight or config.label_name_feature:
+        if config.auxiliary_bce_weight or config.global_label_logits or config.label_name_feature:
             self.post_init()
 
     def label_processor(self) -> LabelSetLogitsProcessor:
@@ -462,6 +473,19 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         (0 at pad/bos/eos), or ``None`` without ``config.label_name_feature``."""
         term = self.learned_name_logits(input_ids, named)
         return None if term is None else nn.functional.pad(term.float(), (NUM_SPECIAL_DECODER_TOKENS, 0))
+
+    def global_row_bias(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The document-level label logits (``config.global_label_logits``) of encoder states ``[b, s, d]``
+        over the decoder vocabulary: ``[b, v]`` float (0 at pad/bos/eos), or ``None`` when it is off."""
+        if not self.config.global_label_logits:
+            return None
+        return nn.functional.pad(
+            self.document_label_logits(encoder_states, attention_mask), (NUM_SPECIAL_DECODER_TOKENS, 0)
+        )
+
+    def document_label_logits(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """``auxiliary_classifier`` on the mean-pooled encoder states ``[b, s, d]``: ``[b, num_labels]`` float."""
+        return self.auxiliary_classifier(masked_mean(encoder_states, attention_mask)).float()
 
     def decoder_row_bias(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """What decoding adds to each row's logits for its input ``[b, s]``: the label-name bias and the
@@ -538,45 +562,42 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         (`learned_row_bias`, ``[b, v]``) is added to the logits at every position, before the loss.
         Called without ``input_ids`` (``encoder_outputs`` only, as `generate()` does step by step) the
         logits lack it: decoding adds it as the row bias of `decoder_row_bias`.
+        With ``config.global_label_logits`` the document-level label logits (`global_row_bias`) are
+        added at every position on every call, before the loss.
         """
         learned = None
         if input_ids is not None or labels is not None:
             learned = self.learned_row_bias(input_ids)  # with the feature, training without `input_ids` raises
         sampling = self.training and self.scheduled_sampling_probability and decoder_input_ids is None
         auxiliary = self.config.auxiliary_bce_weight and labels is not None
-        if labels is not None and (sampling or auxiliary) and encoder_outputs is None:
+        needs_states = (labels is not None and (sampling or auxiliary)) or self.config.global_label_logits
+        if needs_states and encoder_outputs is None:
             encoder_outputs = self.model.encoder(input_ids, attention_mask)
+        document = self.global_row_bias(encoder_outputs[0], attention_mask) if encoder_outputs is not None else None
         if labels is not None and sampling:
             decoder_input_ids = self._scheduled_sampling_inputs(labels, encoder_outputs, attention_mask, learned)
         if labels is not None and decoder_input_ids is None and kwargs.get("decoder_inputs_embeds") is None:
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        added = add_optional(learned, document)  # [b, v]: what this model adds to every position
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
             encoder_outputs=encoder_outputs,
-            labels=labels if learned is None else None,
+            labels=labels if added is None else None,
             **kwargs,
         )
-        if learned is not None:
-            outputs.logits = outputs.logits + learned[:, None, :].to(outputs.logits.dtype)
+        if added is not None:
+            outputs.logits = outputs.logits + added[:, None, :].to(outputs.logits.dtype)
             if labels is not None:
                 outputs.loss = sequence_cross_entropy(outputs.logits, labels, self.config.label_smoothing)
         if auxiliary:
-            outputs.loss = outputs.loss + self.config.auxiliary_bce_weight * self._auxiliary_loss(
-                encoder_outputs[0], attention_mask, labels
-            )
+            if document is None:  # the classifier is a training aid only
+                scored = self.document_label_logits(encoder_outputs[0], attention_mask)
+            else:  # it is part of the label logits: train it as they use it, with the learned name term
+                scored = add_optional(document, learned)[:, NUM_SPECIAL_DECODER_TOKENS:]
+            outputs.loss = outputs.loss + self.config.auxiliary_bce_weight * label_set_bce(scored, labels)
         return outputs
-
-    def _auxiliary_loss(
-        self, encoder_states: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """BCE of the pooled-encoder classifier against the label sets in ``labels`` ``[b, t]``."""
-        logits = self.auxiliary_classifier(masked_mean(encoder_states, attention_mask)).float()  # [b, num_labels]
-        is_label = labels >= NUM_SPECIAL_DECODER_TOKENS  # [b, t]; padding (-100) and EOS are not labels
-        index = (labels - NUM_SPECIAL_DECODER_TOKENS).clamp(min=0)  # non-labels add 0 at index 0
-        targets = torch.zeros_like(logits).scatter_add_(1, index, is_label.to(logits.dtype)).clamp_(max=1.0)
-        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
 
     def label_scores(
         self,
@@ -613,6 +634,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         logits = logits.float()
         if not self.training:  # the decoding bias is part of the decision rule, not of training
             logits = logits + self.decoding_bias(logits.device)
+        row_bias = add_optional(row_bias, self.global_row_bias(encoder_outputs[0], attention_mask))
         if row_bias is not None:
             logits = logits + row_bias[:, None, :]
         return logits.masked_fill(~allowed, float("-inf"))
@@ -859,6 +881,11 @@ class LabelformerForMultiLabelClassification(
     pipeline_auto_class = "AutoModelForSequenceClassification"
 
     def __init__(self, config: LabelformerConfig) -> None:
+        if config.global_label_logits:
+            raise ValueError(
+                "`global_label_logits` is for the generation head (the threshold head is that document-level "
+                "classifier already): set global_label_logits=False."
+            )
         config.problem_type = "multi_label_classification"
         super().__init__(config)
         embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)

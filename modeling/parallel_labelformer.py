@@ -71,11 +71,11 @@ class LabelformerForParallelLabelGeneration(MultiLabelPredictionMixin, Labelform
 
     def __init__(self, config: LabelformerConfig) -> None:
         _check_label_vocabulary(config)
-        if config.label_name_feature:
-            raise ValueError(
-                "The parallel head does not support `label_name_feature`; use the generation or threshold head, "
-                "or set label_name_feature=False."
-            )
+        for name, heads in (("label_name_feature", "generation or threshold"), ("global_label_logits", "generation")):
+            if getattr(config, name):
+                raise ValueError(
+                    f"The parallel head does not support `{name}`; use the {heads} head, or set {name}=False."
+                )
         super().__init__(config)
         self.num_slots = config.effective_num_label_slots
         embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)

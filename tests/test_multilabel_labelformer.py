@@ -9,13 +9,14 @@ import torch
 
 from modeling import (
     LabelformerConfig,
+    LabelformerEnsemble,
     LabelformerForMultiLabelClassification,
     LabelformerForMultiLabelGeneration,
     MultiLabelCollator,
     train_tokenizer,
 )
 from modeling.data_labelformer import label_target, order_labels
-from modeling.multilabel_labelformer import allowed_label_tokens, threshold_decisions
+from modeling.multilabel_labelformer import allowed_label_tokens, label_set_bce, threshold_decisions
 
 from .synthetic import LABELS, NUM_CLASSES, check_fast_greedy_matches_generate, synthetic_batch, synthetic_config
 
@@ -270,20 +271,16 @@ def test_auxiliary_bce_loss_reads_the_label_sets_and_round_trips(tmp_path):
     plain.load_state_dict(model.state_dict(), strict=False)
     plain.eval()
     sequence_loss = plain(input_ids=ids, labels=labels).loss
-    # a classifier that is confidently right about exactly these sets adds (almost) nothing ...
-    with torch.no_grad():
-        model.auxiliary_classifier.weight.zero_()
-        model.auxiliary_classifier.bias.fill_(-30.0)
-    encoder_states = model.model.encoder(ids).last_hidden_state
+    # logits that are confidently right about exactly these sets cost (almost) nothing ...
     right = torch.full((2, config.num_labels), -30.0)
     right[0, [0, 4]] = 30.0
     right[1, 2] = 30.0
-    model.auxiliary_classifier.bias.data = right[0]
-    assert model._auxiliary_loss(encoder_states[:1], None, labels[:1]) < 1e-6
-    model.auxiliary_classifier.bias.data = right[1]
-    assert model._auxiliary_loss(encoder_states[1:], None, labels[1:]) < 1e-6
-    # ... and an uninformed one adds weight * log(2) to the sequence loss
-    model.auxiliary_classifier.bias.data.zero_()
+    assert label_set_bce(right, labels) < 1e-6
+    assert label_set_bce(right.flip(0), labels) > 1.0
+    # ... and an uninformed classifier adds weight * log(2) to the sequence loss
+    with torch.no_grad():
+        model.auxiliary_classifier.weight.zero_()
+        model.auxiliary_classifier.bias.zero_()
     total = model(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(total, sequence_loss + 0.5 * torch.log(torch.tensor(2.0)))
     total.backward()
@@ -293,3 +290,73 @@ def test_auxiliary_bce_loss_reads_the_label_sets_and_round_trips(tmp_path):
     torch.testing.assert_close(loaded.auxiliary_classifier.bias, model.auxiliary_classifier.bias)
     with pytest.raises(ValueError, match="auxiliary_bce_weight"):
         synthetic_config(auxiliary_bce_weight=-1.0)
+
+
+def global_model(seed: int, strength: float = 4.0, **overrides) -> LabelformerForMultiLabelGeneration:
+    """A generator with document-level label logits strong enough to change its decisions."""
+    torch.manual_seed(seed)
+    model = LabelformerForMultiLabelGeneration(synthetic_config(global_label_logits=True, **overrides)).eval()
+    with torch.no_grad():
+        model.auxiliary_classifier.weight.normal_(0.0, strength)
+    return model
+
+
+def test_global_label_logits_enter_the_loss_and_every_decoding_path_once(tmp_path):
+    model = global_model(seed=21)
+    plain = LabelformerForMultiLabelGeneration(synthetic_config()).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected == ["auxiliary_classifier.weight", "auxiliary_classifier.bias"]
+    ids, _ = synthetic_batch(8, 12, torch.Generator().manual_seed(21))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    labels = torch.tensor([[5, 3, 2]] * len(ids))
+    with torch.no_grad():
+        states = model.model.encoder(ids, mask).last_hidden_state
+        pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        document = torch.nn.functional.pad(model.auxiliary_classifier(pooled), (SPECIAL, 0))  # [b, v]
+        torch.testing.assert_close(model.global_row_bias(states, mask), document)
+        logits = model(input_ids=ids, attention_mask=mask, labels=labels).logits
+        want = plain(input_ids=ids, attention_mask=mask, labels=labels).logits + document[:, None, :]
+        torch.testing.assert_close(logits, want)
+        expected = torch.nn.functional.cross_entropy(want.reshape(-1, want.shape[-1]), labels.reshape(-1))
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=labels).loss, expected)
+        assert model.predict_batch(ids, mask) != plain.predict_batch(ids, mask)  # the term decides
+    # the sequence loss alone trains the classifier (no auxiliary BCE)
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert model.auxiliary_classifier.weight.grad.abs().sum() > 0
+    model.eval()
+    # fast greedy (static decoder) == generate() rescored by label_scores: each adds the term exactly once
+    fast = check_fast_greedy_matches_generate(model, ids, mask)
+    with torch.no_grad():
+        assert LabelformerEnsemble([model]).predict_batch(ids, mask) == fast
+        assert LabelformerEnsemble([model, model]).predict_batch(ids, mask, 3) == model.predict_batch(ids, mask, 3)
+    model.save_pretrained(tmp_path)
+    loaded = LabelformerForMultiLabelGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.global_label_logits is True
+    with torch.no_grad():
+        assert loaded.predict_batch(ids, mask) == fast
+
+
+def test_global_label_logits_with_the_auxiliary_bce_train_what_decoding_adds():
+    """With both on, the auxiliary BCE scores the document-level logits that decoding adds."""
+    model = global_model(seed=22, auxiliary_bce_weight=2.0)
+    ids, _ = synthetic_batch(4, 10, torch.Generator().manual_seed(22))
+    labels = torch.tensor([[3, 7, 2], [5, 2, -100], [4, 2, -100], [6, 3, 2]])
+    with torch.no_grad():
+        total = model(input_ids=ids, labels=labels).loss
+        document = model.global_row_bias(model.model.encoder(ids).last_hidden_state, None)[:, SPECIAL:]
+        model.config.auxiliary_bce_weight = 0.0
+        sequence = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(total, sequence + 2.0 * label_set_bce(document, labels))
+
+
+def test_global_label_logits_are_refused_where_they_make_no_sense():
+    from modeling import LabelformerForParallelLabelGeneration
+
+    with pytest.raises(ValueError, match="`global_label_logits` must be True or False"):
+        synthetic_config(global_label_logits=1)
+    with pytest.raises(ValueError, match="threshold head is that document-level classifier"):
+        LabelformerForMultiLabelClassification(synthetic_config(global_label_logits=True))
+    with pytest.raises(ValueError, match="parallel head does not support `global_label_logits`"):
+        LabelformerForParallelLabelGeneration(synthetic_config(global_label_logits=True))

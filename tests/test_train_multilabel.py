@@ -256,7 +256,7 @@ def test_init_encoder_from_a_threshold_run(tmp_path, data_files, tokenizer_dir):
     run([*common, "--head", "threshold", "--output_dir", str(tmp_path / "threshold")])
     # learning rate 0: the generator's saved encoder (and learned label-name weights) must be the threshold head's
     run([*common, "--output_dir", str(tmp_path / "generation"), "--init_encoder_from", str(tmp_path / "threshold"),
-         "--learning_rate", "0", "--num_beams", "1"])  # fmt: skip
+         "--learning_rate", "0", "--num_beams", "1", "--global_label_logits"])  # fmt: skip
     source = load_file(tmp_path / "threshold" / "model.safetensors")
     target = load_file(tmp_path / "generation" / "model.safetensors")
     encoder_keys = [k for k in source if k.startswith("encoder.")]
@@ -266,11 +266,16 @@ def test_init_encoder_from_a_threshold_run(tmp_path, data_files, tokenizer_dir):
     assert source["label_name_evidence.shared"] != 1.0, "one epoch of training left the shared name weight alone"
     for key in ("label_name_evidence.shared", "label_name_evidence.weight"):
         torch.testing.assert_close(target[key], source[key], rtol=0, atol=0)
+    for key in ("weight", "bias"):  # the threshold classifier starts the document-level label logits
+        torch.testing.assert_close(target[f"auxiliary_classifier.{key}"], source[f"classifier.{key}"], rtol=0, atol=0)
     proc = run([*common, "--output_dir", str(tmp_path / "bad"), "--init_encoder_from", str(tmp_path / "threshold"),
                 "--d_model", "48", "--attention_heads", "4"], check=False)  # fmt: skip
     assert proc.returncode == 2 and "does not fit this model" in proc.stderr
     proc = run([*common, "--output_dir", str(tmp_path / "bad2"), "--no-label_names"], check=False)
     assert proc.returncode == 2 and "--label_name_feature needs --label_names" in proc.stderr
+    proc = run([*common, "--output_dir", str(tmp_path / "bad3"), "--head", "threshold", "--global_label_logits"],
+               check=False)  # fmt: skip
+    assert proc.returncode == 2 and "--global_label_logits is for --head generation" in proc.stderr
 
 
 @pytest.mark.parametrize("head", ["generation", "threshold"])
