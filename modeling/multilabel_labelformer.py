@@ -572,7 +572,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         auxiliary = self.config.auxiliary_bce_weight and labels is not None
         needs_states = (labels is not None and (sampling or auxiliary)) or self.config.global_label_logits
         if needs_states and encoder_outputs is None:
-            encoder_outputs = self.model.encoder(input_ids, attention_mask)
+            encoder_outputs = self.model.encoder(input_ids, attention_mask, kwargs.get("inputs_embeds"))
         document = self.global_row_bias(encoder_outputs[0], attention_mask) if encoder_outputs is not None else None
         if labels is not None and sampling:
             decoder_input_ids = self._scheduled_sampling_inputs(labels, encoder_outputs, attention_mask, learned)

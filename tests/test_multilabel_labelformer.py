@@ -321,6 +321,8 @@ def test_global_label_logits_enter_the_loss_and_every_decoding_path_once(tmp_pat
         expected = torch.nn.functional.cross_entropy(want.reshape(-1, want.shape[-1]), labels.reshape(-1))
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=labels).loss, expected)
         assert model.predict_batch(ids, mask) != plain.predict_batch(ids, mask)  # the term decides
+        embedded = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask, labels=labels)
+        torch.testing.assert_close(embedded.logits, want)  # also from embeddings alone
     # the sequence loss alone trains the classifier (no auxiliary BCE)
     model.train()
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
