@@ -233,21 +233,26 @@ def init_encoder_from(model: torch.nn.Module, folder: str) -> None:
             f"other shapes {wrong[:3]}). Use the same model sizes and tokenizer as that run."
         )
     encoder.load_state_dict({k: source[k] for k in expected})
-    evidence = getattr(model, "label_name_evidence", None)
-    learned = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("label_name_evidence.")}
-    has_weights = evidence is not None and learned.keys() == evidence.state_dict().keys()
-    if has_weights and learned["weight"].shape == evidence.weight.shape:  # its learned label-name weights too
-        evidence.load_state_dict(learned)
-    document = getattr(model, "auxiliary_classifier", None)
-    classifier = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("classifier.")}
-    if (  # a threshold head's classifier starts the generator's document-level label logits
-        getattr(model.config, "global_label_logits", False)
-        and classifier.keys() == document.state_dict().keys()
-        and classifier["weight"].shape == document.weight.shape
+    load_matching(getattr(model, "label_name_evidence", None), weights, "label_name_evidence.")  # learned name weights
+    # a threshold head's classifier starts the generator's document-level label logits
+    if getattr(model.config, "global_label_logits", False) and load_matching(
+        model.auxiliary_classifier, weights, "classifier."
     ):
-        document.load_state_dict(classifier)
         logger.info("document-level label logits initialised from the classifier in %s", folder)
     logger.info("encoder initialised from %s", folder)
+
+
+def load_matching(module: torch.nn.Module | None, weights: dict[str, torch.Tensor], prefix: str) -> bool:
+    """Load the tensors of ``weights`` under ``prefix`` into ``module`` when they are exactly its state
+    (same names and shapes); return whether they were loaded."""
+    if module is None:
+        return False
+    found = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    state = module.state_dict()
+    if found.keys() != state.keys() or any(found[k].shape != state[k].shape for k in state):
+        return False
+    module.load_state_dict(found)
+    return True
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
