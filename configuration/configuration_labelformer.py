@@ -122,6 +122,14 @@ class LabelformerConfig(PretrainedConfig):
             0), in the loss and when deciding. The per-label part lets the model discount names that
             occur without their label ("trade", "interest"); rare labels lean on the shared part.
             Needs ``label_name_token_ids``; ``label_name_bias`` still adds on top when deciding.
+        lexical_scorer: Give a multi-label head a lexical label scorer (`LexicalLabelScorer`): a
+            linear SVM over the tf-idf bag of the input-token ids, fitted on the training texts with
+            a convex solver (`fit_lexical_scorer`), apart from the network. Its margins are added,
+            times ``lexical_logit_weight``, to the label logits when the head decides (never in the
+            training loss): a wide (bag-of-words) model beside the deep one.
+        lexical_logit_weight: How much the lexical scorer's margins count when deciding; 0 turns
+            them off. Needs ``lexical_scorer``. Fit it on validation data (`tune_decoding_bias`,
+            `tune_decision_rule`).
     """
 
     model_type = "labelformer"
@@ -174,6 +182,8 @@ class LabelformerConfig(PretrainedConfig):
         label_name_token_ids: list[list[list[int]]] | None = None,
         label_name_bias: float = 0.0,
         label_name_feature: bool = False,
+        lexical_scorer: bool = False,
+        lexical_logit_weight: float = 0.0,
         pad_token_id: int = PAD_TOKEN_ID,
         bos_token_id: int = BOS_TOKEN_ID,
         eos_token_id: int = EOS_TOKEN_ID,
@@ -220,6 +230,8 @@ class LabelformerConfig(PretrainedConfig):
         self.label_name_token_ids = label_name_token_ids
         self.label_name_bias = label_name_bias
         self.label_name_feature = label_name_feature
+        self.lexical_scorer = lexical_scorer
+        self.lexical_logit_weight = lexical_logit_weight
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -277,6 +289,17 @@ class LabelformerConfig(PretrainedConfig):
                 f"got {len(bias)} values."
             )
         self._validate_label_names()
+        if not isinstance(self.lexical_scorer, bool):
+            raise ValueError(f"`lexical_scorer` must be True or False, got {self.lexical_scorer!r}.")
+        if not _is_finite_number(self.lexical_logit_weight) or self.lexical_logit_weight < 0:
+            raise ValueError(
+                f"`lexical_logit_weight` must be a finite number >= 0 (0 = off), got {self.lexical_logit_weight!r}."
+            )
+        if self.lexical_logit_weight and not self.lexical_scorer:
+            raise ValueError(
+                "`lexical_logit_weight` is set but the model has no lexical scorer: set lexical_scorer=True "
+                "(and fit it with fit_lexical_scorer), or set lexical_logit_weight=0."
+            )
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             raise ValueError(f"`layer_norm_eps` must be a positive number, got {self.layer_norm_eps!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:

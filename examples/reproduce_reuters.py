@@ -63,7 +63,6 @@ from modeling.evaluation_labelformer import (  # noqa: E402
     tune_decoding_bias,
     write_json,
 )
-from modeling.multilabel_labelformer import with_logit_bias  # noqa: E402
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
 logger = logging.getLogger("reproduce_reuters")
@@ -272,17 +271,18 @@ def evaluate_threshold_ensemble(folders: list[Path], data, labels: list[str], cp
     ensemble = LabelformerEnsemble.from_pretrained(folders).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folders[0])
     max_length = trained_max_length(folders[0]) or RECIPE["max_length"]
-    probs, targets, named = threshold_validation_inputs(ensemble, tokenizer, list(data["validation"]), max_length,
-                                                        batch_size)  # fmt: skip
-    threshold = ensemble.tune_decision_rule(probs, targets, named)["threshold"]
-    if named is not None:  # the members were trained with label names: their bias is fit with the threshold
-        probs = with_logit_bias(probs, named.float() * ensemble.config.label_name_bias)
+    probs, targets, named, lexical = threshold_validation_inputs(ensemble, tokenizer, list(data["validation"]),
+                                                                 max_length, batch_size)  # fmt: skip
+    # With label names or a lexical scorer, their weights are fit with the threshold.
+    threshold = ensemble.tune_decision_rule(probs, targets, named, lexical)["threshold"]
+    probs = ensemble.decision_probabilities(probs, named, lexical)
     id2label = ensemble.config.id2label
     validation = [[id2label[j] for j in row.nonzero().flatten().tolist()] for row in ensemble.decide(probs)]
     test = predict_texts(ensemble, tokenizer, list(data["test"]["text"]), max_length=max_length)
     return {
         "threshold": threshold,
         "label_name_bias": ensemble.config.label_name_bias,
+        "lexical_logit_weight": ensemble.config.lexical_logit_weight,
         "validation": evaluate_predictions(validation, data["validation"]["labels"], labels),
         "test": evaluate_predictions(test, data["test"]["labels"], labels),
     }

@@ -53,6 +53,7 @@ from modeling import (  # noqa: E402
     LabelformerForParallelLabelGeneration,
     MultiLabelCollator,
     build_label_vocabulary,
+    fit_lexical_scorer,
     label_name_token_ids,
     load_multilabel_dataset,
     split_unknown_labels,
@@ -202,6 +203,7 @@ def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labe
         scheduled_sampling_prob=args.scheduled_sampling,
         auxiliary_bce_weight=args.auxiliary_bce_weight if args.head == "generation" else 0.0,
         global_label_logits=bool(args.global_label_logits),
+        lexical_scorer=bool(args.lexical_scorer),
         parallel_loss=args.parallel_loss,
     )
     return HEADS[args.head](config)
@@ -303,14 +305,15 @@ def predict_split(accelerator: Accelerator, model, tokenizer, texts: list[str], 
 
 
 def tune_threshold(accelerator: Accelerator, model, tokenizer, dataset, args) -> float:
-    """Fit the threshold head's decision rule on validation data: the threshold, and the label-name
-    bias with it when the config holds label names (`tune_decision_rule`)."""
+    """Fit the threshold head's decision rule on validation data: the threshold, and with it the label-name
+    bias when the config holds label names and the lexical logit weight when the model has a lexical
+    scorer (`tune_decision_rule`)."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
-    probs, targets, named = threshold_validation_inputs(
+    probs, targets, named, lexical = threshold_validation_inputs(
         unwrapped, tokenizer, [dataset[i] for i in range(len(dataset))], args.max_length, args.eval_batch_size
     )
-    return unwrapped.tune_decision_rule(probs, targets, named)["threshold"]
+    return unwrapped.tune_decision_rule(probs, targets, named, lexical)["threshold"]
 
 
 def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any], average=None) -> None:
@@ -457,6 +460,8 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args, labels, tokenizer, max(1, max(len(x) for x in train_labels)))
     if args.init_encoder_from and checkpoint is None:
         init_encoder_from(model, args.init_encoder_from)
+    if args.lexical_scorer and checkpoint is None:  # resuming loads the fitted scorer with the weights
+        fit_lexical_scorer(model, tokenizer, data["train"]["text"], train_labels, args.lexical_c, args.max_length)
     logger.info(
         "%s: %d labels, %s parameters, %d train / %d validation documents, %d process(es) (%s)",
         type(model).__name__,
@@ -674,9 +679,10 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
         )
         decoding_bias = {k: v for k, v in tuned.items() if k != "grid"}
         logger.info(
-            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f (validation micro-F1 %.4f; %.4f without)",
-            tuned["eos_logit_bias"], tuned["prior_weight"], tuned["label_name_bias"], tuned["micro_f1"],
-            tuned["unbiased_micro_f1"],
+            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f, lexical %.2f "
+            "(validation micro-F1 %.4f; %.4f without)",
+            tuned["eos_logit_bias"], tuned["prior_weight"], tuned["label_name_bias"], tuned["lexical_logit_weight"],
+            tuned["micro_f1"], tuned["unbiased_micro_f1"],
         )  # fmt: skip
     if "test" in data and not args.skip_test:
         references = data["test"]["labels"]
@@ -797,6 +803,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Generation head: add a document-level classifier's per-label logits (mean-pooled encoder) to the "
         "label logits at every step. With --init_encoder_from a threshold run it starts from that run's classifier.",
     )  # fmt: skip
+    g.add_argument(
+        "--lexical_scorer", action=argparse.BooleanOptionalAction, default=False,
+        help="Threshold and generation heads: fit a linear SVM on the tf-idf bag of each training document's tokens "
+        "before training (convex, seconds) and add its margins to the label logits when deciding, with a weight fit "
+        "on validation (with the threshold, or with the decoding bias).",
+    )  # fmt: skip
+    g.add_argument("--lexical_c", type=float, default=1.0, help="The lexical scorer's SVM regularisation constant C.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--max_steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
@@ -857,6 +870,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--label_name_feature needs --label_names and the threshold or generation head.")
     if args.global_label_logits and args.head != "generation":
         p.error(f"--global_label_logits is for --head generation (got --head {args.head}).")
+    if args.lexical_scorer and args.head == "parallel":
+        p.error("--lexical_scorer is for the threshold and generation heads (got --head parallel).")
+    if not args.lexical_c > 0:
+        p.error(f"--lexical_c must be > 0 (got {args.lexical_c}).")
     if args.encoder_lr_scale <= 0:
         p.error(f"--encoder_lr_scale must be > 0 (got {args.encoder_lr_scale}); 1 trains all weights at one rate.")
     return args

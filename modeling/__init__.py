@@ -19,6 +19,7 @@ from .data_labelformer import (
 from .ensemble_labelformer import LabelformerEnsemble
 from .evaluation_labelformer import tune_decoding_bias
 from .label_names_labelformer import label_name_token_ids, named_labels
+from .lexical_labelformer import LexicalLabelScorer, fit_lexical_scorer
 from .modeling_labelformer import (
     LabelformerForConditionalGeneration,
     LabelformerModel,
@@ -78,6 +79,8 @@ __all__ = [
     "build_label_vocabulary",
     "compute_multilabel_metrics",
     "label_name_token_ids",
+    "LexicalLabelScorer",
+    "fit_lexical_scorer",
     "load_multilabel_dataset",
     "named_labels",
     "prior_label_bias",

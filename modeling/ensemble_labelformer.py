@@ -35,6 +35,7 @@ from .multilabel_labelformer import (
     _GreedyLabelDecoder,
     add_optional,
     label_name_row_bias,
+    lexical_row_bias,
     per_model,
 )
 
@@ -76,13 +77,15 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
                     )
         self.members = nn.ModuleList(models)
         self.is_generation = head is LabelformerForMultiLabelGeneration
-        #: Member 0's config; for threshold heads ``classifier_threshold`` and ``label_name_bias`` are the
-        #: members' means.
+        #: Member 0's config; for threshold heads ``classifier_threshold``, ``label_name_bias`` and
+        #: ``lexical_logit_weight`` are the members' means.
         self.config = copy.deepcopy(first)
         if not self.is_generation:
             self.config.classifier_threshold = sum(m.config.classifier_threshold for m in models) / len(models)
             if first.label_name_token_ids is not None:
                 self.config.label_name_bias = sum(m.config.label_name_bias for m in models) / len(models)
+            if first.lexical_scorer:
+                self.config.lexical_logit_weight = sum(m.config.lexical_logit_weight for m in models) / len(models)
         self.name_or_path = getattr(models[0], "name_or_path", "")
 
     @classmethod
@@ -117,6 +120,11 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
     def device(self) -> torch.device:
         return self.members[0].device
 
+    @property
+    def lexical_label_scorer(self) -> nn.Module | None:
+        """Member 0's lexical scorer (members fitted on the same training data hold the same one), or ``None``."""
+        return getattr(self.members[0], "lexical_label_scorer", None)
+
     def __len__(self) -> int:
         return len(self.members)
 
@@ -134,6 +142,12 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         for member in self.members:
             member.set_label_name_bias(bias, name_token_ids)
         super().set_label_name_bias(bias, name_token_ids)
+
+    def set_lexical_logit_weight(self, weight: float) -> None:
+        """Set the lexical logit weight on ``config`` and on every member, so each saves it."""
+        for member in self.members:
+            member.set_lexical_logit_weight(weight)
+        super().set_lexical_logit_weight(weight)
 
     def label_probabilities(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Threshold heads: the members' mean sigmoid probabilities ``[b, num_labels]`` for ids ``[b, s]``."""
@@ -170,9 +184,10 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
 
     def member_row_biases(self, input_ids: torch.Tensor) -> list[torch.Tensor | None]:
         """Generation heads: per member, what decoding adds to each row ``[b, v]`` for ids ``[b, s]``: the
-        ensemble's label-name bias plus the member's own learned label-name term (``None``: nothing)."""
+        ensemble's label-name bias and weighted lexical margins plus the member's own learned label-name
+        term (``None``: nothing)."""
         named = self.named_for_decoding(input_ids)  # once for all: the members share labels and tokenizer
-        shared = label_name_row_bias(self, input_ids, named)
+        shared = add_optional(label_name_row_bias(self, input_ids, named), lexical_row_bias(self, input_ids))
         return [add_optional(shared, member.learned_row_bias(input_ids, named)) for member in self.members]
 
     def sequence_scores(

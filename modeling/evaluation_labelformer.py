@@ -15,6 +15,7 @@ from transformers.utils import logging
 
 from .data_labelformer import MultiLabelCollator
 from .label_names_labelformer import named_labels
+from .lexical_labelformer import LEXICAL_LOGIT_WEIGHTS
 from .multilabel_labelformer import LABEL_NAME_BIASES, prior_label_bias
 from .multilabel_metrics.multilabel_metrics import compute_multilabel_metrics, per_label_scores
 
@@ -64,17 +65,19 @@ def evaluate_predictions(
 @torch.no_grad()
 def threshold_validation_inputs(
     model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int | None, batch_size: int = 64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """What a threshold head (or an ensemble of them) fits its decision rule on (`tune_decision_rule`).
 
     ``rows`` (``{"text", "labels"}``) are batched by the training collator. Returns the probabilities
-    ``[n, L]`` (``model.label_probabilities``), the 0/1 targets ``[n, L]`` and, when the config holds
-    label names, which labels each text names ``[n, L]`` (else ``None``); all on the CPU.
+    ``[n, L]`` (``model.label_probabilities``), the 0/1 targets ``[n, L]``, which labels each text
+    names ``[n, L]`` when the config holds label names (else ``None``) and the lexical scorer's
+    margins ``[n, L]`` when the model has one (`lexical_margins`, else ``None``); all on the CPU.
     """
     collator = MultiLabelCollator(tokenizer, model.config, max_length, head="classification")
     names = model.config.label_name_token_ids
+    lexical = getattr(model, "lexical_label_scorer", None) is not None
     device = model.device
-    probs, targets, named = [], [], []
+    probs, targets, named, margins = [], [], [], []
     for start in range(0, len(rows), batch_size):
         batch = collator(list(rows[start : start + batch_size]))
         ids = batch["input_ids"]
@@ -82,7 +85,14 @@ def threshold_validation_inputs(
         targets.append(batch["labels"])
         if names is not None:
             named.append(named_labels(ids, names))
-    return torch.cat(probs), torch.cat(targets), torch.cat(named) if names is not None else None
+        if lexical:
+            margins.append(model.lexical_margins(ids.to(device)).cpu())
+    return (
+        torch.cat(probs),
+        torch.cat(targets),
+        torch.cat(named) if names is not None else None,
+        torch.cat(margins) if lexical else None,
+    )
 
 
 #: The grid `tune_decoding_bias` searches by default.
@@ -99,6 +109,7 @@ def tune_decoding_bias(
     prior_weights: Sequence[float] = PRIOR_WEIGHTS,
     metric: str = "micro_f1",
     label_name_biases: Sequence[float] | None = None,
+    lexical_weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Fit a generation head's decoding bias on validation data, like the threshold head's threshold.
 
@@ -107,17 +118,21 @@ def tune_decoding_bias(
     ``predict(model)`` against ``references`` and keeps the best ``metric``; no bias wins ties.
     Then, when the config holds ``label_name_token_ids``, it tries every ``label_name_bias`` of
     ``label_name_biases`` (default `LABEL_NAME_BIASES`) with every EOS bias, at the best prior
-    weight (the EOS bias is tried again because naming labels makes longer label sets). The
-    winner stays set on ``model`` (a `LabelformerForMultiLabelGeneration` or an ensemble of
-    them), so `save_pretrained` keeps it.
+    weight (the EOS bias is tried again because naming labels makes longer label sets). Last, when
+    the model has a lexical scorer, it tries every ``lexical_logit_weight`` of ``lexical_weights``
+    (default `LEXICAL_LOGIT_WEIGHTS`) with every EOS bias, at the best prior weight and label-name
+    bias. The winner stays set on ``model`` (a `LabelformerForMultiLabelGeneration` or an ensemble
+    of them), so `save_pretrained` keeps it.
 
     Args:
         predict: decodes the validation texts with ``model`` as it is set now (greedy is enough).
         label_counts: training documents per label name (labels missing here count as 1).
         label_name_biases: label-name biases to try; ``()`` leaves ``label_name_bias`` at 0.
+        lexical_weights: lexical logit weights to try; ``()`` leaves ``lexical_logit_weight`` at 0.
 
     Returns:
-        ``{"eos_logit_bias", "prior_weight", "label_name_bias", metric, "unbiased_" + metric, "grid": [...]}``.
+        ``{"eos_logit_bias", "prior_weight", "label_name_bias", "lexical_logit_weight", metric,
+        "unbiased_" + metric, "grid": [...]}``.
     """
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     counts = [label_counts.get(label, 0) for label in labels]
@@ -126,17 +141,28 @@ def tune_decoding_bias(
         label_name_biases = ()
     elif label_name_biases is None:
         label_name_biases = LABEL_NAME_BIASES
+    lexical = getattr(model, "lexical_label_scorer", None) is not None
+    if not lexical:
+        lexical_weights = ()
+    elif lexical_weights is None:
+        lexical_weights = LEXICAL_LOGIT_WEIGHTS
     grid: list[dict[str, Any]] = []
 
-    def score(eos: float, weight: float, name_bias: float) -> None:
+    def apply(eos: float, weight: float, name_bias: float, lexical_weight: float) -> None:
         model.set_decoding_bias(eos, label_biases[weight])
         if model.config.label_name_token_ids is not None:
             model.set_label_name_bias(name_bias)
+        if lexical:
+            model.set_lexical_logit_weight(lexical_weight)
+
+    def score(eos: float, weight: float, name_bias: float, lexical_weight: float = 0.0) -> None:
+        apply(eos, weight, name_bias, lexical_weight)
         value = evaluate_predictions(predict(model), references, labels)[metric]
-        grid.append({"eos_logit_bias": eos, "prior_weight": weight, "label_name_bias": name_bias, metric: value})
+        grid.append({"eos_logit_bias": eos, "prior_weight": weight, "label_name_bias": name_bias,
+                     "lexical_logit_weight": lexical_weight, metric: value})  # fmt: skip
         logger.info(
-            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f -> validation %s %.4f",
-            eos, weight, name_bias, metric, value,
+            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f, lexical %.2f -> validation %s %.4f",
+            eos, weight, name_bias, lexical_weight, metric, value,
         )  # fmt: skip
 
     settings = [(0.0, 0.0)] + [(e, w) for w in prior_weights for e in eos_biases if (e, w) != (0.0, 0.0)]
@@ -146,10 +172,12 @@ def tune_decoding_bias(
     for name_bias in sorted({float(b) for b in label_name_biases} - {0.0}):
         for eos in eos_biases:
             score(eos, prior, name_bias)
+    names = max(grid, key=lambda row: row[metric])["label_name_bias"]
+    for lexical_weight in sorted({float(w) for w in lexical_weights} - {0.0}):
+        for eos in eos_biases:
+            score(eos, prior, names, lexical_weight)
     best = max(grid, key=lambda row: row[metric])
-    model.set_decoding_bias(best["eos_logit_bias"], label_biases[best["prior_weight"]])
-    if model.config.label_name_token_ids is not None:
-        model.set_label_name_bias(best["label_name_bias"])
+    apply(best["eos_logit_bias"], best["prior_weight"], best["label_name_bias"], best["lexical_logit_weight"])
     return {**best, f"unbiased_{metric}": grid[0][metric], "grid": grid}
 
 

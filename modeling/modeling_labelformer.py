@@ -41,6 +41,7 @@ from transformers.utils import logging
 
 from .configuration_labelformer import LabelformerConfig
 from .label_names_labelformer import LABEL_NAME_FEATURE_INIT, LabelNameEvidence
+from .lexical_labelformer import LexicalLabelScorer
 
 logger = logging.get_logger(__name__)
 
@@ -704,6 +705,10 @@ class LabelformerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LabelNameEvidence):
             init.constant_(module.shared, LABEL_NAME_FEATURE_INIT)
             init.zeros_(module.weight)
+        elif isinstance(module, LexicalLabelScorer):  # unfitted until `fit_lexical_scorer` (or a checkpoint)
+            init.zeros_(module.idf)
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, SinusoidalPositionalEncoding):
             # Non-persistent: never in a checkpoint, so rebuild it here after loading.
             init.copy_(module.table, module.build_table(module.table.shape[0], module.table.device))

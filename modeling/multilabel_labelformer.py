@@ -28,6 +28,7 @@ from transformers.utils import logging
 
 from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
 from .label_names_labelformer import LabelNameEvidence, named_labels
+from .lexical_labelformer import LEXICAL_LOGIT_WEIGHTS, LexicalLabelScorer
 from .modeling_labelformer import (
     LabelformerEncoder,
     LabelformerForConditionalGeneration,
@@ -206,6 +207,41 @@ class MultiLabelPredictionMixin:
         if names is None or not (self.config.label_name_bias or self.config.label_name_feature):
             return None
         return named_labels(input_ids, names)
+
+    def lexical_margins(self, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """``[b, num_labels]`` float32: the lexical scorer's SVM margins for ids ``[b, s]`` (unweighted), or
+        ``None`` when the model has no lexical scorer (``config.lexical_scorer``)."""
+        scorer = getattr(self, "lexical_label_scorer", None)
+        if scorer is None:
+            return None
+        if input_ids is None:
+            raise ValueError(
+                "This model has a lexical scorer: it reads the bag of `input_ids`, so pass `input_ids` "
+                "(not only `inputs_embeds` or `encoder_outputs`)."
+            )
+        if not scorer.is_fitted:
+            raise ValueError(
+                "The lexical scorer is not fitted: call fit_lexical_scorer(model, tokenizer, texts, label_sets) "
+                "first (train_multilabel.py --lexical_scorer does), or set lexical_logit_weight=0."
+            )
+        return scorer(input_ids)
+
+    def lexical_logit_bias(self, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """``[b, num_labels]`` float: ``config.lexical_logit_weight`` times `lexical_margins` of ids ``[b, s]``,
+        or ``None`` when the weight is 0."""
+        if not self.config.lexical_logit_weight:
+            return None
+        return self.lexical_margins(input_ids) * self.config.lexical_logit_weight
+
+    def set_lexical_logit_weight(self, weight: float) -> None:
+        """Set (and validate) ``config.lexical_logit_weight``; `save_pretrained` keeps it."""
+        old = self.config.lexical_logit_weight
+        self.config.lexical_logit_weight = weight
+        try:
+            self.config.validate_labelformer()
+        except ValueError:
+            self.config.lexical_logit_weight = old
+            raise
 
     def set_label_name_bias(self, bias: float, name_token_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
         """Set (and validate) ``config.label_name_bias`` (and, if given, ``label_name_token_ids``);
@@ -448,7 +484,9 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         if config.auxiliary_bce_weight or config.global_label_logits:
             self.auxiliary_classifier = nn.Linear(config.d_model, config.num_labels)
         self.label_name_evidence = LabelNameEvidence(config.num_labels) if config.label_name_feature else None
-        if config.auxiliary_bce_weight or config.global_label_logits or config.label_name_feature:
+        self.lexical_label_scorer = lexical_scorer_of(config)
+        extras = (config.auxiliary_bce_weight, config.global_label_logits, config.label_name_feature)
+        if any(extras) or config.lexical_scorer:
             self.post_init()
 
     def label_processor(self) -> LabelSetLogitsProcessor:
@@ -488,11 +526,12 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         return self.auxiliary_classifier(masked_mean(encoder_states, attention_mask)).float()
 
     def decoder_row_bias(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """What decoding adds to each row's logits for its input ``[b, s]``: the label-name bias and the
-        learned label-name term, over the decoder vocabulary ``[b, decoder_vocab_size]`` (0 at
-        pad/bos/eos), or ``None`` when both are off."""
+        """What decoding adds to each row's logits for its input ``[b, s]``: the label-name bias, the
+        learned label-name term and the weighted lexical margins, over the decoder vocabulary
+        ``[b, decoder_vocab_size]`` (0 at pad/bos/eos), or ``None`` when all are off."""
         named = self.named_for_decoding(input_ids)
-        return add_optional(label_name_row_bias(self, input_ids, named), self.learned_row_bias(input_ids, named))
+        shared = add_optional(label_name_row_bias(self, input_ids, named), lexical_row_bias(self, input_ids))
+        return add_optional(shared, self.learned_row_bias(input_ids, named))
 
     def set_decoding_bias(self, eos_logit_bias: float = 0.0, label_logit_bias: Sequence[float] | None = None) -> None:
         """Set (and validate) the decoding bias in the config; `save_pretrained` keeps it."""
@@ -768,6 +807,20 @@ def label_name_row_bias(model: Any, input_ids: torch.Tensor, named: torch.Tensor
     return nn.functional.pad(bias, (NUM_SPECIAL_DECODER_TOKENS, 0))
 
 
+def lexical_row_bias(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """A generation head's (or ensemble's) weighted lexical margins (`lexical_logit_bias`) over its decoder
+    vocabulary ``[b, v]`` (0 at pad/bos/eos), or ``None`` when the weight is 0."""
+    bias = model.lexical_logit_bias(input_ids)
+    if bias is None:
+        return None
+    return nn.functional.pad(bias, (NUM_SPECIAL_DECODER_TOKENS, 0))
+
+
+def lexical_scorer_of(config: LabelformerConfig) -> LexicalLabelScorer | None:
+    """The `LexicalLabelScorer` a multi-label head holds under ``config.lexical_scorer`` (unfitted), else ``None``."""
+    return LexicalLabelScorer(config.vocab_size, config.num_labels) if config.lexical_scorer else None
+
+
 def micro_f1_of(chosen: torch.Tensor, targets: torch.Tensor) -> float:
     """Micro-F1 of boolean decisions against 0/1 targets, both ``[n, L]``."""
     gold = targets.bool()
@@ -797,10 +850,26 @@ class ThresholdDecisionMixin:
 
     def threshold_label_dicts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[dict[str, float]]:
         """Ids ``[b, s]`` -> per row ``{label: probability}`` of the chosen labels: ``label_probabilities``
-        shifted by the label-name bias (when it is on), then `decide`."""
+        shifted by the label-name bias and the weighted lexical margins (those that are on), then `decide`."""
         probs = self.label_probabilities(input_ids, attention_mask)
-        probs = with_logit_bias(probs, self.label_name_logit_bias(input_ids))
+        probs = with_logit_bias(
+            probs, add_optional(self.label_name_logit_bias(input_ids), self.lexical_logit_bias(input_ids))
+        )
         return chosen_label_dicts(probs, self.decide(probs), self.config.id2label)
+
+    def decision_probabilities(
+        self, probs: torch.Tensor, named: torch.Tensor | None = None, lexical: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``probs`` ``[n, L]`` shifted as deciding shifts them (`threshold_label_dicts`): by the label-name
+        bias at the ``named`` ``[n, L]`` labels and the weighted lexical margins ``lexical`` ``[n, L]``
+        (unweighted `lexical_margins`); for the outputs of `threshold_validation_inputs`."""
+        shift = add_optional(
+            named.float() * self.config.label_name_bias if named is not None and self.config.label_name_bias else None,
+            lexical.float() * self.config.lexical_logit_weight
+            if lexical is not None and self.config.lexical_logit_weight
+            else None,
+        )
+        return with_logit_bias(probs, shift)
 
     def decide(self, probs: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         """Boolean ``[n, L]`` decisions for probabilities ``[n, L]`` under this config's rules."""
@@ -819,52 +888,83 @@ class ThresholdDecisionMixin:
         return best, f1
 
     def tune_decision_rule(
-        self, probs: torch.Tensor, targets: torch.Tensor, named: torch.Tensor | None = None
+        self,
+        probs: torch.Tensor,
+        targets: torch.Tensor,
+        named: torch.Tensor | None = None,
+        lexical: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """Fit the decision rule on validation data: the threshold, and with ``named`` ``[n, L]`` (and
-        ``config.label_name_token_ids``) the label-name bias with it; returns ``{"threshold", "label_name_bias",
-        "micro_f1"}``."""
-        if named is None or self.config.label_name_token_ids is None:
+        """Fit the decision rule on validation data: the threshold; with ``named`` ``[n, L]`` (and
+        ``config.label_name_token_ids``) the label-name bias with it; with ``lexical`` ``[n, L]`` (the
+        unweighted `lexical_margins`) the lexical logit weight with them. Returns ``{"threshold",
+        "label_name_bias", "lexical_logit_weight", "micro_f1"}``."""
+        if named is not None and self.config.label_name_token_ids is None:
+            named = None
+        if named is None and lexical is None:
             threshold, f1 = self.tune_threshold(probs, targets)
-            return {"threshold": threshold, "label_name_bias": self.config.label_name_bias, "micro_f1": f1}
-        tuned = self.tune_label_name_bias(probs, named, targets)
-        return {key: tuned[key] for key in ("threshold", "label_name_bias", "micro_f1")}
+            return {
+                "threshold": threshold,
+                "label_name_bias": self.config.label_name_bias,
+                "lexical_logit_weight": self.config.lexical_logit_weight,
+                "micro_f1": f1,
+            }
+        tuned = self.tune_label_name_bias(
+            probs, named, targets, biases=LABEL_NAME_BIASES if named is not None else (), lexical=lexical
+        )
+        return {key: tuned[key] for key in ("threshold", "label_name_bias", "lexical_logit_weight", "micro_f1")}
 
     def tune_label_name_bias(
         self,
         probs: torch.Tensor,
-        named: torch.Tensor,
+        named: torch.Tensor | None,
         targets: torch.Tensor,
         biases: Sequence[float] = LABEL_NAME_BIASES,
         grid: Sequence[float] | None = None,
+        lexical: torch.Tensor | None = None,
+        lexical_weights: Sequence[float] = LEXICAL_LOGIT_WEIGHTS,
     ) -> dict[str, Any]:
-        """Fit ``config.label_name_bias`` together with the threshold on validation data.
+        """Fit ``config.label_name_bias`` (and, given ``lexical``, ``config.lexical_logit_weight``) together
+        with the threshold on validation data.
 
-        For each bias in ``biases`` (0 always included) the best threshold of ``grid`` is found on
-        ``probs`` ``[n, L]`` shifted by that bias at the ``named`` ``[n, L]`` labels (`named_labels`
-        of each validation batch's input ids); the pair with the best micro-F1 against ``targets``
-        ``[n, L]`` is kept (ties: the smaller bias) and stored in the config
-        (``label_name_token_ids`` must be set).
+        For each bias in ``biases`` (0 always included) and, with ``lexical`` ``[n, L]`` (unweighted
+        `lexical_margins`), each weight of ``lexical_weights`` (0 always included), the best threshold
+        of ``grid`` is found on ``probs`` ``[n, L]`` shifted by that bias at the ``named`` ``[n, L]``
+        labels (`named_labels` of each validation batch's input ids) plus the weighted margins; the
+        setting with the best micro-F1 against ``targets`` ``[n, L]`` is kept (ties: the smaller bias,
+        then the smaller weight) and stored in the config. ``named`` may be ``None`` only with ``lexical``
+        (the label-name bias then stays 0); otherwise ``label_name_token_ids`` must be set.
 
         Returns:
-            ``{"label_name_bias", "threshold", "micro_f1", "unbiased_micro_f1", "grid": [...]}``.
+            ``{"label_name_bias", "lexical_logit_weight", "threshold", "micro_f1", "unbiased_micro_f1",
+            "grid": [...]}``.
         """
-        if self.config.label_name_token_ids is None:
+        if named is None and lexical is None:
+            raise ValueError("tune_label_name_bias needs `named` (label names in the inputs) or `lexical` margins.")
+        if named is not None and self.config.label_name_token_ids is None:
             raise ValueError(
                 "tune_label_name_bias needs config.label_name_token_ids: "
                 "model.set_label_name_bias(0.0, label_name_token_ids(labels, tokenizer)) first."
             )
-        named = named.float()
         limits = (self.config.min_labels, self.config.effective_max_labels)
+        name_biases = sorted({0.0, *map(float, biases)}) if named is not None else [0.0]
+        weights = sorted({0.0, *map(float, lexical_weights)}) if lexical is not None else [0.0]
         rows = []
-        for bias in sorted({0.0, *map(float, biases)}):
-            threshold, f1 = best_threshold(with_logit_bias(probs, named * bias), targets, *limits, grid)
-            rows.append({"label_name_bias": bias, "threshold": threshold, "micro_f1": f1})
-        best = max(rows, key=lambda row: (row["micro_f1"], -row["label_name_bias"]))
-        self.set_label_name_bias(best["label_name_bias"])
+        for bias in name_biases:
+            for weight in weights:
+                shift = add_optional(
+                    named.float() * bias if named is not None and bias else None,
+                    lexical.float() * weight if lexical is not None and weight else None,
+                )
+                threshold, f1 = best_threshold(with_logit_bias(probs, shift), targets, *limits, grid)
+                rows.append({"label_name_bias": bias, "lexical_logit_weight": weight, "threshold": threshold,
+                             "micro_f1": f1})  # fmt: skip
+        best = max(rows, key=lambda row: (row["micro_f1"], -row["label_name_bias"], -row["lexical_logit_weight"]))
+        if named is not None:
+            self.set_label_name_bias(best["label_name_bias"])
+        if lexical is not None:
+            self.set_lexical_logit_weight(best["lexical_logit_weight"])
         self.config.classifier_threshold = best["threshold"]
-        unbiased = next(row["micro_f1"] for row in rows if row["label_name_bias"] == 0.0)
-        return {**best, "unbiased_micro_f1": unbiased, "grid": rows}
+        return {**best, "unbiased_micro_f1": rows[0]["micro_f1"], "grid": rows}
 
 
 class LabelformerForMultiLabelClassification(
@@ -893,6 +993,7 @@ class LabelformerForMultiLabelClassification(
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(config.d_model, config.num_labels)
         self.label_name_evidence = LabelNameEvidence(config.num_labels) if config.label_name_feature else None
+        self.lexical_label_scorer = lexical_scorer_of(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -71,7 +71,12 @@ class LabelformerForParallelLabelGeneration(MultiLabelPredictionMixin, Labelform
 
     def __init__(self, config: LabelformerConfig) -> None:
         _check_label_vocabulary(config)
-        for name, heads in (("label_name_feature", "generation or threshold"), ("global_label_logits", "generation")):
+        unsupported = (
+            ("label_name_feature", "generation or threshold"),
+            ("global_label_logits", "generation"),
+            ("lexical_scorer", "generation or threshold"),
+        )
+        for name, heads in unsupported:
             if getattr(config, name):
                 raise ValueError(
                     f"The parallel head does not support `{name}`; use the {heads} head, or set {name}=False."

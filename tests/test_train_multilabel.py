@@ -69,7 +69,8 @@ def data_args(files: dict[str, str]) -> list[str]:
 @pytest.mark.parametrize("head", ["generation", "threshold"])
 def test_training_writes_model_metrics_card_and_plots(tmp_path, data_files, head):
     out = tmp_path / "run"
-    proc = run([*TINY, *data_args(data_files), "--head", head, "--epochs", "2", "--output_dir", str(out)])
+    proc = run([*TINY, *data_args(data_files), "--head", head, "--epochs", "2", "--output_dir", str(out),
+                "--lexical_scorer"])  # fmt: skip
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert {"micro_f1", "macro_f1", "example_f1", "subset_accuracy", "hamming_loss", "jaccard"} <= set(metrics)
     assert "Test metrics" in proc.stdout and "Example predictions" in proc.stdout
@@ -86,17 +87,24 @@ def test_training_writes_model_metrics_card_and_plots(tmp_path, data_files, head
     from transformers import AutoTokenizer
 
     from modeling import label_name_token_ids
+    from modeling.lexical_labelformer import LEXICAL_LOGIT_WEIGHTS
     from modeling.multilabel_labelformer import LABEL_NAME_BIASES
 
     labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
     assert config["label_name_token_ids"] == label_name_token_ids(labels, AutoTokenizer.from_pretrained(out))
     assert any(config["label_name_token_ids"]) and config["label_name_bias"] in {0.0, *LABEL_NAME_BIASES}
+    # the lexical scorer was fitted before training and saved; its weight was fit on validation
+    assert config["lexical_scorer"] and config["lexical_logit_weight"] in {0.0, *LEXICAL_LOGIT_WEIGHTS}
+    weights = load_file(out / "model.safetensors")
+    assert weights["lexical_label_scorer.idf"].count_nonzero() > 50 and weights["lexical_label_scorer.weight"].any()
+    assert (out / "lexical_labelformer.py").is_file()  # the remote code travels with the folder
     if head == "generation":  # the decoding bias was fit on validation and saved with the model
         tuned = metrics["decoding_bias"]
         assert tuned["micro_f1"] >= tuned["unbiased_micro_f1"]
         assert config["eos_logit_bias"] == tuned["eos_logit_bias"]
         assert (config["label_logit_bias"] is None) == (tuned["prior_weight"] == 0)
         assert config["label_name_bias"] == tuned["label_name_bias"]
+        assert config["lexical_logit_weight"] == tuned["lexical_logit_weight"]
     else:
         assert "decoding_bias" not in metrics
 
@@ -202,6 +210,8 @@ def test_bad_input_gives_clear_errors(tmp_path, data_files):
     bad.write_text(json.dumps({"text": "a", "labels": 5}) + "\n")
     cases.append((["--train_file", str(bad)], "labels must be a list of strings or a string"))
     cases.append((["--encoder_lr_scale", "0"], "--encoder_lr_scale must be > 0"))
+    cases.append((["--lexical_c", "0"], "--lexical_c must be > 0"))
+    cases.append((["--head", "parallel", "--lexical_scorer"], "--lexical_scorer is for the threshold and generation"))
     for extra, message in cases:
         proc = run([*TINY, *extra, "--output_dir", out, "--overwrite_output_dir"], check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

@@ -1,0 +1,236 @@
+"""The lexical label scorer: tf-idf features, the SVM solver, and how both heads (and ensembles) use it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling import (
+    LabelformerConfig,
+    LabelformerEnsemble,
+    LabelformerForMultiLabelClassification,
+    LabelformerForMultiLabelGeneration,
+    LabelformerForParallelLabelGeneration,
+    fit_lexical_scorer,
+    train_tokenizer,
+    tune_decoding_bias,
+)
+from modeling.configuration_labelformer import NUM_SPECIAL_DECODER_TOKENS
+from modeling.lexical_labelformer import LEXICAL_LOGIT_WEIGHTS, squared_hinge_svm
+
+from .synthetic import check_fast_greedy_matches_generate
+from .textdata import KEYWORDS, make_texts
+
+HEADS = (LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """A tokenizer and train/test rows of the tiny text task (keywords decide the labels)."""
+    train = make_texts(240, 0)
+    tokenizer = train_tokenizer([r["text"] for r in train], vocab_size=80, model_max_length=32)
+    return tokenizer, train, make_texts(40, 1)
+
+
+def lexical_model(head, tokenizer, rows=None, weight: float = 0.0, seed: int = 0, **overrides):
+    """A small untrained head with a lexical scorer, fitted on ``rows`` when given."""
+    torch.manual_seed(seed)
+    settings = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                    decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0)  # fmt: skip
+    config = LabelformerConfig.from_labels(
+        sorted(KEYWORDS), vocab_size=len(tokenizer), lexical_scorer=True, **{**settings, **overrides}
+    )
+    model = head(config).eval()
+    if rows is not None:
+        fit_lexical_scorer(model, tokenizer, [r["text"] for r in rows], [r["labels"] for r in rows], max_length=32)
+    if weight:
+        model.set_lexical_logit_weight(weight)
+    return model
+
+
+def encode(tokenizer, rows):
+    batch = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def margin_decisions(margins: torch.Tensor) -> list[set[str]]:
+    """The SVM's own label sets: positive margins, or the best one when none is positive (min_labels 1)."""
+    labels = sorted(KEYWORDS)
+    sets = []
+    for row in margins:
+        chosen = {labels[i] for i in (row > 0).nonzero().flatten().tolist()}
+        sets.append(chosen or {labels[int(row.argmax())]})
+    return sets
+
+
+def test_features_are_scikit_learns_tfidf_over_token_ids(corpus):
+    sklearn_text = pytest.importorskip("sklearn.feature_extraction.text")
+    tokenizer, train, test = corpus
+    model = lexical_model(LabelformerForMultiLabelClassification, tokenizer, train)
+    special = set(tokenizer.all_special_ids)
+
+    def words(rows):
+        ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=32)["input_ids"]
+        return [[str(t) for t in row if t not in special] for row in ids]
+
+    vectorizer = sklearn_text.TfidfVectorizer(sublinear_tf=True, analyzer=lambda tokens: tokens)
+    vectorizer.fit(words(train))
+    unseen = [{"text": "wheat zebra quokka wheat of the", "labels": ["grain"]}]  # word pieces no training text holds
+    for rows in (train[:50], test, unseen):
+        expected = torch.zeros(len(rows), len(tokenizer))
+        dense = torch.tensor(vectorizer.transform(words(rows)).toarray(), dtype=torch.float32)
+        for column, token in enumerate(vectorizer.get_feature_names_out()):
+            expected[:, int(token)] = dense[:, column]
+        ids, _ = encode(tokenizer, rows)  # padded, with special tokens: both must count for nothing
+        torch.testing.assert_close(model.lexical_label_scorer.features(ids), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_solver_reaches_the_optimum_and_matches_liblinear():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(120, 30, generator=generator) * (torch.rand(120, 30, generator=generator) < 0.2)
+    y = (x[:, :4] @ torch.randn(4, 3, generator=generator) + 0.1 * torch.randn(120, 3, generator=generator)) > 0
+    weight, bias, stats = squared_hinge_svm(x.to_sparse(), y, c=2.0)
+    # first-order optimality of the primal: the gradient vanishes (it is solved per label, jointly)
+    params = torch.cat([weight.T, bias[None]]).requires_grad_(True)
+    margins = x @ params[:-1] + params[-1]
+    slack = (1 - (y.float() * 2 - 1) * margins).clamp(min=0)
+    (0.5 * params.square().sum() + 2.0 * slack.square().sum()).backward()
+    assert params.grad.abs().max() < 1e-3 and stats["gradient_norm"] < 1e-3
+    svm = pytest.importorskip("sklearn.svm")
+    for label in range(3):
+        reference = svm.LinearSVC(C=2.0, max_iter=100_000, tol=1e-8).fit(x.numpy(), y[:, label].numpy())
+        torch.testing.assert_close(weight[label], torch.tensor(reference.coef_[0], dtype=torch.float32), atol=2e-3,
+                                   rtol=0)  # fmt: skip
+        assert abs(float(bias[label]) - float(reference.intercept_[0])) < 2e-3
+    with pytest.raises(ValueError, match="C must be a positive number"):
+        squared_hinge_svm(x.to_sparse(), y, c=0.0)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_the_fitted_scorer_alone_solves_the_task_and_survives_saving(tmp_path, corpus, head):
+    tokenizer, train, test = corpus
+    model = lexical_model(head, tokenizer, train, weight=1000.0)  # an untrained network: the SVM decides
+    texts = [r["text"] for r in test]
+    predictions = model.predict_labels(texts, tokenizer=tokenizer)
+    ids, _ = encode(tokenizer, test)
+    assert [set(p) for p in predictions] == margin_decisions(model.lexical_margins(ids))
+    assert sum(set(p) == set(r["labels"]) for p, r in zip(predictions, test)) >= 38
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert saved["lexical_label_scorer.idf"].count_nonzero() > 0
+    loaded = head.from_pretrained(tmp_path).eval()
+    assert loaded.config.lexical_scorer and loaded.config.lexical_logit_weight == 1000.0
+    for name, value in model.lexical_label_scorer.state_dict().items():
+        torch.testing.assert_close(loaded.lexical_label_scorer.state_dict()[name], value, rtol=0, atol=0)
+    assert loaded.predict_labels(texts) == predictions
+    half = head.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert sum(p == q for p, q in zip(half.predict_labels(texts), predictions)) >= 38
+
+
+def test_generation_adds_the_weighted_margins_once_on_every_path(corpus):
+    tokenizer, train, test = corpus
+    model = lexical_model(LabelformerForMultiLabelGeneration, tokenizer, train, weight=1.5)
+    ids, mask = encode(tokenizer, test)
+    margins = model.lexical_margins(ids)
+    expected = torch.nn.functional.pad(1.5 * margins, (NUM_SPECIAL_DECODER_TOKENS, 0))
+    torch.testing.assert_close(model.decoder_row_bias(ids), expected)
+    check_fast_greedy_matches_generate(model, ids, mask)  # fast greedy == generate() + rescoring
+    model.set_lexical_logit_weight(0.0)
+    assert model.decoder_row_bias(ids) is None
+    # an ensemble of one adds it once too, greedy and with beams
+    model.set_lexical_logit_weight(1.5)
+    ensemble = LabelformerEnsemble([model])
+    for beams in (1, 2):
+        assert ensemble.predict_batch(ids, mask, beams) == model.predict_batch(ids, mask, beams)
+
+
+def test_ensembles_set_the_weight_everywhere_and_threshold_ensembles_start_from_the_mean(corpus):
+    tokenizer, train, _ = corpus
+    members = [lexical_model(LabelformerForMultiLabelGeneration, tokenizer, train, seed=s) for s in (0, 1)]
+    ensemble = LabelformerEnsemble(members)
+    ensemble.set_lexical_logit_weight(2.0)
+    assert [m.config.lexical_logit_weight for m in members] == [2.0, 2.0] == [ensemble.config.lexical_logit_weight] * 2
+    thresholds = [lexical_model(LabelformerForMultiLabelClassification, tokenizer, train, weight=w) for w in (1, 3)]
+    assert LabelformerEnsemble(thresholds).config.lexical_logit_weight == 2.0
+
+
+def test_threshold_tuning_fits_the_weight_with_the_threshold(corpus):
+    tokenizer, train, test = corpus
+    model = lexical_model(LabelformerForMultiLabelClassification, tokenizer, train)
+    rows = train[:120]
+    ids, mask = encode(tokenizer, rows)
+    targets = torch.tensor([[label in r["labels"] for label in sorted(KEYWORDS)] for r in rows], dtype=torch.float)
+    probs = model.label_probabilities(ids, mask)  # an untrained network: near 0.5 everywhere
+    margins = model.lexical_margins(ids)
+    tuned = model.tune_decision_rule(probs, targets, None, margins)
+    assert tuned["lexical_logit_weight"] > 0 and tuned["micro_f1"] == 1.0
+    assert model.config.lexical_logit_weight == tuned["lexical_logit_weight"]
+    assert model.config.classifier_threshold == tuned["threshold"]
+    decided = model.decide(model.decision_probabilities(probs, None, margins))
+    assert torch.equal(decided, targets.bool())
+    # margins that carry no information are left out (weight 0 wins ties)
+    model.set_lexical_logit_weight(0.0)
+    confident = targets * 0.98 + 0.01
+    assert model.tune_decision_rule(confident, targets, None, torch.randn_like(margins))["lexical_logit_weight"] == 0
+
+
+def test_tune_decoding_bias_also_tries_lexical_weights(corpus):
+    tokenizer, train, test = corpus
+    model = lexical_model(LabelformerForMultiLabelGeneration, tokenizer, train)
+    references = [r["labels"] for r in test]
+
+    def predict(m) -> list[list[str]]:  # right only with the lexical weight 1.5 at EOS bias 0.5
+        ok = m.config.lexical_logit_weight == 1.5 and m.config.eos_logit_bias == 0.5
+        return references if ok else [["money"]] * len(references)
+
+    tuned = tune_decoding_bias(model, predict, references, {}, prior_weights=())
+    assert (tuned["lexical_logit_weight"], tuned["eos_logit_bias"], tuned["micro_f1"]) == (1.5, 0.5, 1.0)
+    assert model.config.lexical_logit_weight == 1.5
+    assert {row["lexical_logit_weight"] for row in tuned["grid"]} == {0.0, *LEXICAL_LOGIT_WEIGHTS}
+    tuned = tune_decoding_bias(model, predict, references, {}, prior_weights=(), lexical_weights=())
+    assert tuned["lexical_logit_weight"] == 0.0 and model.config.lexical_logit_weight == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lexical_scorer": "yes"}, "`lexical_scorer` must be True or False"),
+        ({"lexical_scorer": True, "lexical_logit_weight": -1.0}, "must be a finite number >= 0"),
+        ({"lexical_scorer": True, "lexical_logit_weight": float("nan")}, "must be a finite number >= 0"),
+        ({"lexical_logit_weight": 1.0}, "has no lexical scorer"),
+    ],
+)
+def test_bad_lexical_settings_are_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        LabelformerConfig.from_labels(sorted(KEYWORDS), vocab_size=50, **overrides)
+
+
+def test_misuse_gives_clear_errors(corpus):
+    tokenizer, train, test = corpus
+    unfitted = lexical_model(LabelformerForMultiLabelClassification, tokenizer, weight=1.0)
+    with pytest.raises(ValueError, match="not fitted: call fit_lexical_scorer"):
+        unfitted.predict_labels([test[0]["text"]], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="Label set 1 holds labels the model does not know"):
+        fit_lexical_scorer(unfitted, tokenizer, ["wheat", "oil"], [["grain"], ["oil-price"]])
+    with pytest.raises(ValueError, match="2 texts but 1 label sets"):
+        fit_lexical_scorer(unfitted, tokenizer, ["wheat", "oil"], [["grain"]])
+    fitted = lexical_model(LabelformerForMultiLabelGeneration, tokenizer, train, weight=1.0)
+    with pytest.raises(ValueError, match="outside the lexical scorer's vocabulary"):
+        fitted.lexical_margins(torch.tensor([[1, len(tokenizer) + 5]]))
+    ids, mask = encode(tokenizer, test[:2])
+    with pytest.raises(ValueError, match="pass `input_ids`"):
+        fitted.decoder_row_bias(None)
+    plain = LabelformerForMultiLabelClassification(LabelformerConfig.from_labels(sorted(KEYWORDS), vocab_size=80))
+    with pytest.raises(ValueError, match="has no lexical scorer: set lexical_scorer=True"):
+        plain.set_lexical_logit_weight(1.0)
+    assert plain.config.lexical_logit_weight == 0.0  # a refused setting leaves the old one
+    with pytest.raises(ValueError, match="no lexical scorer: build its config with lexical_scorer=True"):
+        fit_lexical_scorer(plain, tokenizer, ["wheat"], [["grain"]])
+    config = LabelformerConfig.from_labels(sorted(KEYWORDS), vocab_size=80, lexical_scorer=True)
+    with pytest.raises(ValueError, match="parallel head does not support `lexical_scorer`"):
+        LabelformerForParallelLabelGeneration(config)
+    assert json.loads(config.to_json_string())["lexical_scorer"] is True
