@@ -77,9 +77,12 @@ RECIPE: dict[str, Any] = dict(
     vocab_size=16000, max_length=128, d_model=256, encoder_layers=2, decoder_layers=1, attention_heads=4,
     ffn_dim=1024, dropout=0.1, norm_position="pre", batch_size=32, learning_rate=1e-3, warmup_ratio=0.05,
     epochs=10, early_stopping_patience=4, ema_decay=0.999, label_order="frequency", num_beams=3,
-    group_by_length=False,
+    group_by_length=False, lexical_scorer=True,
 )  # fmt: skip
-PER_SYSTEM: dict[str, dict[str, Any]] = {"seq2seq": {"dropout": 0.0}, "parallel": {"dropout": 0.0}}
+PER_SYSTEM: dict[str, dict[str, Any]] = {
+    "seq2seq": {"dropout": 0.0},
+    "parallel": {"dropout": 0.0, "lexical_scorer": False},  # the parallel head has no lexical scorer
+}
 # Two-stage: the seq2seq head starts from the threshold head's encoder and needs fewer epochs.
 FROM_THRESHOLD: dict[str, Any] = {"epochs": 4, "early_stopping_patience": 3}
 SEED = 42

@@ -72,6 +72,7 @@ from modeling.evaluation_labelformer import (  # noqa: E402
     write_json,
 )
 from modeling.hub_labelformer import REUTERS_DESCRIPTION, build_model_card  # noqa: E402
+from modeling.lexical_labelformer import LEXICAL_C  # noqa: E402
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
 logger = logging.getLogger("train_multilabel")
@@ -804,12 +805,15 @@ def build_parser() -> argparse.ArgumentParser:
         "label logits at every step. With --init_encoder_from a threshold run it starts from that run's classifier.",
     )  # fmt: skip
     g.add_argument(
-        "--lexical_scorer", action=argparse.BooleanOptionalAction, default=False,
-        help="Threshold and generation heads: fit a linear SVM on the tf-idf bag of each training document's tokens "
-        "before training (convex, seconds) and add its margins to the label logits when deciding, with a weight fit "
-        "on validation (with the threshold, or with the decoding bias).",
+        "--lexical_scorer", action=argparse.BooleanOptionalAction, default=None,
+        help="Threshold and generation heads (default on; --no-lexical_scorer turns it off): fit a linear SVM on the "
+        "tf-idf bag of each training document's tokens before training (convex, under a minute on Reuters) and add "
+        "its margins to the label logits when deciding, with a weight fit on validation (with the threshold, or with "
+        "the decoding bias).",
     )  # fmt: skip
-    g.add_argument("--lexical_c", type=float, default=1.0, help="The lexical scorer's SVM regularisation constant C.")
+    g.add_argument(
+        "--lexical_c", type=float, default=LEXICAL_C, help="The lexical scorer's SVM regularisation constant C."
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--max_steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
@@ -872,6 +876,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--global_label_logits is for --head generation (got --head {args.head}).")
     if args.lexical_scorer and args.head == "parallel":
         p.error("--lexical_scorer is for the threshold and generation heads (got --head parallel).")
+    if args.lexical_scorer is None:  # on where the head supports it
+        args.lexical_scorer = args.head != "parallel"
     if not args.lexical_c > 0:
         p.error(f"--lexical_c must be > 0 (got {args.lexical_c}).")
     if args.encoder_lr_scale <= 0:

@@ -26,10 +26,12 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-#: The SVM's regularisation constant by default (``LinearSVC``'s default): larger fits the training set harder.
-LEXICAL_C = 1.0
+#: The SVM's regularisation constant by default: larger fits the training set harder. Chosen on Reuters'
+#: validation split with the threshold ensemble (micro-F1 0.9253 at C = 3 against 0.9226 at ``LinearSVC``'s 1).
+LEXICAL_C = 3.0
 #: The lexical logit weights `tune_decoding_bias` and `tune_decision_rule` try by default (0 is always tried).
-LEXICAL_LOGIT_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0)
+#: On Reuters validation picks 6 to 8: the SVM's margins (about +-1) are small next to the network's logits.
+LEXICAL_LOGIT_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 
 
 class LexicalLabelScorer(nn.Module):
@@ -103,13 +105,14 @@ def smooth_idf(bags: torch.Tensor, ignored: Sequence[int]) -> torch.Tensor:
 
 
 def squared_hinge_svm(
-    x: torch.Tensor, y: torch.Tensor, c: float = LEXICAL_C, max_iter: int = 500, tolerance: float = 1e-5
+    x: torch.Tensor, y: torch.Tensor, c: float = LEXICAL_C, max_iter: int = 1000, tolerance: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """One-vs-rest L2-regularised squared-hinge SVMs, all labels at once, solved with L-BFGS.
 
     Minimises, per label ``j``: ``0.5 * (|w_j|^2 + b_j^2) + c * sum_i max(0, 1 - t_ij (x_i . w_j + b_j))^2``
     with ``t`` = +1/-1 (``LinearSVC``'s primal, its intercept regularised like a feature of value 1).
-    The labels are independent, so one L-BFGS run on their sum solves each.
+    The labels are independent, so one L-BFGS run on their sum solves each. Memory: about 24 float64
+    copies of the ``(f + 1) x L`` parameters (L-BFGS history), 0.3 GB for 16k features and 90 labels.
 
     Args:
         x: sparse ``[n, f]`` features.
@@ -126,7 +129,7 @@ def squared_hinge_svm(
     signs = y.double() * 2 - 1  # [n, L]
     params = torch.zeros(x.shape[1] + 1, y.shape[1], dtype=torch.float64, requires_grad=True)  # last row: intercepts
     optimizer = torch.optim.LBFGS(
-        [params], lr=1, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=1e-10, history_size=20,
+        [params], lr=1, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=1e-10, history_size=10,
         line_search_fn="strong_wolfe",
     )  # fmt: skip
     calls = {"n": 0}

@@ -119,9 +119,11 @@ def test_training_writes_model_metrics_card_and_plots(tmp_path, data_files, head
 def test_no_label_names_leaves_them_out(tmp_path, data_files, tokenizer_dir):
     out = tmp_path / "run"
     run([*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--head", "threshold",
-         "--epochs", "1", "--no-label_names", "--skip_test", "--output_dir", str(out)])  # fmt: skip
+         "--epochs", "1", "--no-label_names", "--no-lexical_scorer", "--skip_test",
+         "--output_dir", str(out)])  # fmt: skip
     config = json.loads((out / "config.json").read_text())
     assert config["label_name_token_ids"] is None and config["label_name_bias"] == 0.0
+    assert not config["lexical_scorer"] and "lexical_label_scorer.idf" not in load_file(out / "model.safetensors")
 
 
 def final_checkpoint(out: Path) -> Path:
@@ -333,3 +335,18 @@ def test_skip_test_leaves_the_test_split_alone_and_still_saves_everything(tmp_pa
         assert set(json.loads((out / "test_metrics.json").read_text())) == {"decoding_bias"}
     else:
         assert not (out / "test_metrics.json").exists()
+
+
+def test_the_lexical_scorer_is_on_by_default_where_the_head_has_one():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_multilabel_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    defaults = {head: script.parse_args(["--head", head, "--output_dir", "x"]) for head in ("generation", "threshold",
+                                                                                              "parallel")}  # fmt: skip
+    assert {head: args.lexical_scorer for head, args in defaults.items()} == {
+        "generation": True, "threshold": True, "parallel": False,
+    }  # fmt: skip
+    assert defaults["generation"].lexical_c == 3.0
+    assert not script.parse_args(["--output_dir", "x", "--no-lexical_scorer"]).lexical_scorer
