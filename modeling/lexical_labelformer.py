@@ -77,7 +77,7 @@ class LexicalLabelScorer(nn.Module):
         return self.features(input_ids) @ self.weight.float().T + self.bias.float()
 
 
-def token_bags(scorer: LexicalLabelScorer, id_rows: Sequence[Sequence[int]], batch_size: int = 256) -> torch.Tensor:
+def token_bags(scorer: LexicalLabelScorer, id_rows: Sequence[Sequence[int]]) -> torch.Tensor:
     """Sparse ``[n, vocab_size]`` raw token counts of ``id_rows`` (special tokens included)."""
     indices, values = [], []
     for row, ids in enumerate(id_rows):
