@@ -315,6 +315,7 @@ def train_threshold(args: argparse.Namespace, tokenizer_dir: Path, data, labels:
     info["threshold_ensemble_validation"] = ensemble["validation"]
     info["threshold_ensemble_threshold"] = ensemble["threshold"]
     info["threshold_ensemble_label_name_bias"] = ensemble["label_name_bias"]
+    info["threshold_ensemble_lexical_logit_weight"] = ensemble["lexical_logit_weight"]
     return ensemble["test"]
 
 

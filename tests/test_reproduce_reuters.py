@@ -129,6 +129,8 @@ def test_threshold_seeds_vote_together(tmp_path):
     ensemble = LabelformerEnsemble.from_pretrained([out / "threshold", out / "threshold_seed43"])
     ensemble.config.classifier_threshold = info["threshold_ensemble_threshold"]
     ensemble.set_label_name_bias(info["threshold_ensemble_label_name_bias"])
+    ensemble.set_lexical_logit_weight(info["threshold_ensemble_lexical_logit_weight"])
+    assert ensemble.lexical_label_scorer.is_fitted, "the recipe fits every neural head's lexical scorer"
     assert ensemble.config.label_name_token_ids, "the members were trained with label names"
     data = load_multilabel_dataset(validation_fraction=VALIDATION_FRACTION, seed=42, max_train_samples=300)
     labels = [ensemble.config.id2label[i] for i in range(len(ensemble.config.id2label))]
