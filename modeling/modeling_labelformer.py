@@ -45,6 +45,25 @@ from .lexical_labelformer import LexicalLabelScorer
 
 logger = logging.get_logger(__name__)
 
+# transformers 5.24 renamed generation's cache from `past_key_values` to `cache`, both as the
+# keyword `generate()` passes to `forward` and as the output field it reads back. The public
+# forwards take either keyword and return the cache under the field this version declares.
+CACHE_OUTPUT_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+
+
+def generation_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The one cache given as ``cache`` (transformers >= 5.24) or ``past_key_values`` (older)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None and cache is not past_key_values:
+        raise ValueError("Pass the generation cache once, as `cache` or as `past_key_values`, not both.")
+    return past_key_values
+
+
+def output_cache(outputs: Any) -> Cache | None:
+    """The cache a model output carries, whichever field name this transformers version uses."""
+    return getattr(outputs, CACHE_OUTPUT_FIELD, None)
+
 
 # ---------------------------------------------------------------------------------------------
 # Embeddings and positions (section 3.4, 3.5)
@@ -265,29 +284,29 @@ class LabelformerAttention(nn.Module):
         return states.view(*states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def _keys_values(
-        self, states: torch.Tensor, past_key_values: Cache | None, is_cross_attention: bool
+        self, states: torch.Tensor, cache: EncoderDecoderCache | None, is_cross_attention: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Project (or fetch from the cache) keys and values, each ``[b, h, k, d_k]``."""
-        if past_key_values is None:
+        if cache is None:
             return self._split_heads(self.k_proj(states)), self._split_heads(self.v_proj(states))
         if is_cross_attention:
-            cache = past_key_values.cross_attention_cache
+            layer_cache = cache.cross_attention_cache
             # Encoder keys/values never change during generation: project them once.
-            if past_key_values.is_updated.get(self.layer_idx):
-                return cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
-            past_key_values.is_updated[self.layer_idx] = True
+            if cache.is_updated.get(self.layer_idx):
+                return layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
+            cache.is_updated[self.layer_idx] = True
         else:
-            cache = past_key_values.self_attention_cache
+            layer_cache = cache.self_attention_cache
         key = self._split_heads(self.k_proj(states))
         value = self._split_heads(self.v_proj(states))
-        return cache.update(key, value, self.layer_idx)
+        return layer_cache.update(key, value, self.layer_idx)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: EncoderDecoderCache | None = None,
+        cache: EncoderDecoderCache | None = None,
         packing: TokenPacking | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -298,7 +317,7 @@ class LabelformerAttention(nn.Module):
                 tokens when ``packing`` is given (self-attention only).
             key_value_states: encoder output ``[b, k, d_model]`` for cross-attention, else ``None``.
             attention_mask: the prepared mask for the configured backend (see module docstring).
-            past_key_values: the generation cache, or ``None``.
+            cache: the generation cache, or ``None``.
             packing: the `TokenPacking` of packed ``hidden_states``: projections run on the real
                 tokens, attention on the padded ``[b, h, s, d_k]`` layout.
 
@@ -311,7 +330,7 @@ class LabelformerAttention(nn.Module):
         is_cross_attention = key_value_states is not None
         query = self._split_heads(self.q_proj(hidden_states))  # [b, h, q, d_k]
         source = key_value_states if is_cross_attention else hidden_states
-        key, value = self._keys_values(source, past_key_values, is_cross_attention)  # [b, h, k, d_k]
+        key, value = self._keys_values(source, cache, is_cross_attention)  # [b, h, k, d_k]
         output, weights = self._attend(query, key, value, attention_mask, **kwargs)  # [b, q, h, d_k]
         output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # concat heads: [b, q, d_model]
         return self.out_proj(output), weights
@@ -446,19 +465,17 @@ class LabelformerDecoderLayer(GradientCheckpointingLayer):
         encoder_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
-        past_key_values: EncoderDecoderCache | None = None,
+        cache: EncoderDecoderCache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``[b, t, d]`` decoder states and ``[b, s, d]`` encoder states -> ``[b, t, d]`` plus both attentions."""
         hidden_states, self_attn = self.self_attn_sublayer(
             hidden_states,
-            lambda x: self.self_attn(x, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs),
+            lambda x: self.self_attn(x, attention_mask=attention_mask, cache=cache, **kwargs),
         )
         hidden_states, cross_attn = self.cross_attn_sublayer(
             hidden_states,
-            lambda x: self.cross_attn(
-                x, encoder_hidden_states, attention_mask=encoder_attention_mask, past_key_values=past_key_values
-            ),
+            lambda x: self.cross_attn(x, encoder_hidden_states, attention_mask=encoder_attention_mask, cache=cache),
         )
         hidden_states, _ = self.feed_forward_sublayer(hidden_states, self.feed_forward)
         return hidden_states, self_attn, cross_attn
@@ -560,27 +577,27 @@ class LabelformerDecoder(nn.Module):
         use_cache: bool = False,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        cache: EncoderDecoderCache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         """``[b, t]`` target ids attending to ``[b, s, d]`` encoder states -> ``[b, t, d]``.
 
-        With a cache, ``input_ids`` holds only the new tokens; their positions continue after the
-        cached ones.
+        With a cache (``cache``, or ``past_key_values`` as transformers < 5.24 names it),
+        ``input_ids`` holds only the new tokens; their positions continue after the cached ones.
         """
-        if use_cache and past_key_values is None:
-            past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = generation_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        past_length = cache.get_seq_length() if cache is not None else 0
         hidden_states = self.embeddings(input_ids, inputs_embeds, offset=past_length)
         if attention_mask is None and past_length > 0:
             attention_mask = torch.ones(
                 hidden_states.shape[0], past_length + hidden_states.shape[1], device=hidden_states.device
             )
         if self.causal:
+            # The cache is positional: its keyword is `past_key_values` before 5.24 and `cache` after.
             self_mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden_states,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values.self_attention_cache if past_key_values is not None else None,
+                self.config, hidden_states, attention_mask, cache.self_attention_cache if cache is not None else None
             )
         else:
             self_mask = create_bidirectional_mask(
@@ -596,7 +613,7 @@ class LabelformerDecoder(nn.Module):
         for layer in self.layers:
             all_hidden.append(hidden_states)
             hidden_states, self_attn, cross_attn = layer(
-                hidden_states, encoder_hidden_states, self_mask, cross_mask, past_key_values, **kwargs
+                hidden_states, encoder_hidden_states, self_mask, cross_mask, cache, **kwargs
             )
             all_self.append(self_attn)
             all_cross.append(cross_attn)
@@ -604,7 +621,7 @@ class LabelformerDecoder(nn.Module):
         all_hidden.append(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_OUTPUT_FIELD: cache if use_cache else None},
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_self) if output_attentions else None,
             cross_attentions=tuple(all_cross) if output_attentions else None,
@@ -822,6 +839,7 @@ class LabelformerModel(LabelformerPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: EncoderDecoderCache | None = None,
         **kwargs: Any,
     ) -> Seq2SeqModelOutput:
         """Encode ``[b, s]`` source ids (unless ``encoder_outputs`` is given) and decode ``[b, t]`` target ids.
@@ -854,7 +872,7 @@ class LabelformerModel(LabelformerPreTrainedModel):
             encoder_outputs.last_hidden_state,
             attention_mask=decoder_attention_mask,
             encoder_attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=generation_cache(cache, past_key_values),
             inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -862,7 +880,7 @@ class LabelformerModel(LabelformerPreTrainedModel):
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
+            **{CACHE_OUTPUT_FIELD: output_cache(decoder_outputs)},
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,
@@ -1055,6 +1073,7 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: EncoderDecoderCache | None = None,
         **kwargs: Any,
     ) -> Seq2SeqLMOutput:
         """Returns ``logits`` ``[b, t, decoder_vocab_size]`` and, with ``labels``, the mean cross-entropy ``loss``."""
@@ -1066,7 +1085,7 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values,
+            cache=generation_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
@@ -1081,7 +1100,7 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_OUTPUT_FIELD: output_cache(outputs)},
             decoder_hidden_states=outputs.decoder_hidden_states,
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,

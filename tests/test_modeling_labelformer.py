@@ -6,9 +6,15 @@ import math
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from modeling import LabelformerForConditionalGeneration, LabelformerModel
-from modeling.modeling_labelformer import SinusoidalPositionalEncoding, sinusoidal_table
+from modeling.modeling_labelformer import (
+    CACHE_OUTPUT_FIELD,
+    SinusoidalPositionalEncoding,
+    output_cache,
+    sinusoidal_table,
+)
 
 from .conftest import random_batch, tiny_config
 
@@ -174,8 +180,13 @@ def test_cached_equals_uncached_generation(attn, mode):
     assert torch.equal(runs[0], runs[1])
 
 
-def test_cached_decoder_logits_match_full_forward():
-    """Step-by-step decoding with the cache gives the same logits as one teacher-forced pass."""
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_cached_decoder_logits_match_full_forward(keyword):
+    """Step-by-step decoding with the cache gives the same logits as one teacher-forced pass.
+
+    The cache is accepted under both names: ``cache`` (what `generate()` passes from transformers
+    5.24 on) and ``past_key_values`` (before), and comes back under the field this version declares.
+    """
     model = build("eager")
     input_ids, attention_mask, labels = random_batch(model.config)
     full = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=labels).logits
@@ -186,12 +197,17 @@ def test_cached_decoder_logits_match_full_forward():
             attention_mask=attention_mask,
             encoder_outputs=encoder_outputs,
             decoder_input_ids=labels[:, i : i + 1],
-            past_key_values=past,
             use_cache=True,
+            **{keyword: past},
         )
-        past = out.past_key_values
+        past = output_cache(out)
+        assert past is not None and past.get_seq_length() == i + 1
+        assert out[CACHE_OUTPUT_FIELD] is past  # where `generate()` reads it back
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="once"):
+        other = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        model(encoder_outputs=encoder_outputs, decoder_input_ids=labels[:, :1], cache=past, past_key_values=other)
 
 
 @pytest.mark.parametrize("overrides", OPTIONS)
