@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -77,80 +78,179 @@ class LexicalLabelScorer(nn.Module):
         return self.features(input_ids) @ self.weight.float().T + self.bias.float()
 
 
-def token_bags(scorer: LexicalLabelScorer, id_rows: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Sparse ``[n, vocab_size]`` raw token counts of ``id_rows`` (special tokens included)."""
-    indices, values = [], []
-    for row, ids in enumerate(id_rows):
-        tokens, counts = torch.tensor(list(ids), dtype=torch.long).unique(return_counts=True)
-        indices.append(torch.stack([torch.full_like(tokens, row), tokens]))
-        values.append(counts.float())
-    if not indices:
-        raise ValueError("fit_lexical_scorer needs at least one training text.")
-    vocab = scorer.idf.shape[0]
-    size = (len(id_rows), vocab)
-    return torch.sparse_coo_tensor(torch.cat(indices, 1), torch.cat(values), size, check_invariants=True).coalesce()
+def document_frequencies(id_rows: Sequence[Sequence[int]], vocab_size: int) -> torch.Tensor:
+    """``[vocab_size]`` float: in how many of the ``id_rows`` (token-id lists) each id occurs."""
+    df = torch.zeros(vocab_size)
+    for ids in id_rows:
+        df[torch.tensor(list(ids), dtype=torch.long).unique()] += 1
+    return df
 
 
-def smooth_idf(bags: torch.Tensor, ignored: Sequence[int]) -> torch.Tensor:
-    """``[vocab_size]`` idf of sparse counts ``[n, vocab_size]``: ``log((1 + n) / (1 + df)) + 1``
-    (scikit-learn's smooth idf); 0 at ``ignored`` ids and at tokens no document holds (which, as in
-    scikit-learn, then count for nothing, not even in a document's norm)."""
-    n = bags.shape[0]
-    df = torch.zeros(bags.shape[1])
-    df.index_add_(0, bags.indices()[1], torch.ones(bags.indices().shape[1]))
-    idf = torch.log((1 + n) / (1 + df)) + 1
+def smooth_idf(df: torch.Tensor, documents: int, ignored: Sequence[int]) -> torch.Tensor:
+    """``[vocab_size]`` idf from document frequencies ``df`` ``[vocab_size]`` over ``documents`` texts:
+    ``log((1 + n) / (1 + df)) + 1`` (scikit-learn's smooth idf); 0 at ``ignored`` ids and at tokens no
+    document holds (which, as in scikit-learn, then count for nothing, not even in a document's norm)."""
+    idf = torch.log((1 + documents) / (1 + df)) + 1
     idf[df == 0] = 0.0
     idf[list(ignored)] = 0.0
     return idf
 
 
+def _with_intercept(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse ``[n, f]`` -> CSR ``[n, f + 1]`` (last column all ones) and its CSR transpose, in ``dtype``."""
+    x = x.coalesce()
+    n, f = x.shape
+    rows = torch.arange(n)
+    indices = torch.cat([x.indices(), torch.stack([rows, torch.full_like(rows, f)])], 1)
+    values = torch.cat([x.values().to(dtype), torch.ones(n, dtype=dtype)])
+    coo = torch.sparse_coo_tensor(indices, values, (n, f + 1), check_invariants=True).coalesce()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": products and transposes are all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()
+
+
+class _Solution(NamedTuple):
+    solution: torch.Tensor
+    cg_steps: int
+
+
+def _preconditioned_cg(
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    preconditioner: torch.Tensor,
+    target: torch.Tensor,
+) -> _Solution:
+    """Solve ``A_j s_j = rhs_j`` for every column ``j`` of ``rhs`` ``[f, k]`` by preconditioned CG.
+
+    ``product(p, cols)`` returns ``A p`` for the columns ``p`` ``[f, m]`` of the systems ``cols`` ``[m]``.
+    A column stops once its residual norm is at most ``target`` ``[k]``; the running columns are
+    kept packed side by side, so finished ones cost nothing. Returns the ``[f, k]`` solutions and the
+    number of column-steps taken.
+    """
+    solution = torch.zeros_like(rhs)
+    cols = torch.arange(rhs.shape[1])
+    step, residual = torch.zeros_like(rhs), rhs.clone()
+    z = residual / preconditioner
+    direction, rz = z, (residual * z).sum(0)
+    steps = 0
+    for _ in range(10 * rhs.shape[0]):  # CG is exact after f steps in exact arithmetic
+        running = residual.norm(dim=0) > target[cols]
+        if not running.all():  # pack the running columns
+            solution[:, cols[~running]] = step[:, ~running]
+            cols, step, residual, direction, rz = (
+                cols[running], step[:, running], residual[:, running], direction[:, running], rz[running]
+            )  # fmt: skip
+            preconditioner = preconditioner[:, running]
+            if not cols.numel():
+                break
+        steps += cols.numel()
+        h_direction = product(direction, cols)
+        alpha = rz / (direction * h_direction).sum(0).clamp(min=1e-300)
+        step += alpha * direction
+        residual -= alpha * h_direction
+        z = residual / preconditioner
+        rz_next = (residual * z).sum(0)
+        direction = z + (rz_next / rz.clamp(min=1e-300)) * direction
+        rz = rz_next
+    solution[:, cols] = step
+    return _Solution(solution, steps)
+
+
 def squared_hinge_svm(
-    x: torch.Tensor, y: torch.Tensor, c: float = LEXICAL_C, max_iter: int = 1000, tolerance: float = 1e-5
+    x: torch.Tensor, y: torch.Tensor, c: float = LEXICAL_C, max_iter: int = 100, tolerance: float = 1e-4
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """One-vs-rest L2-regularised squared-hinge SVMs, all labels at once, solved with L-BFGS.
+    """One-vs-rest L2-regularised squared-hinge SVMs, all labels at once, by Newton's method.
 
     Minimises, per label ``j``: ``0.5 * (|w_j|^2 + b_j^2) + c * sum_i max(0, 1 - t_ij (x_i . w_j + b_j))^2``
     with ``t`` = +1/-1 (``LinearSVC``'s primal, its intercept regularised like a feature of value 1).
-    The labels are independent, so one L-BFGS run on their sum solves each. Memory: about 24 float64
-    copies of the ``(f + 1) x L`` parameters (L-BFGS history), 0.3 GB for 16k features and 90 labels.
+    The objective is convex and once differentiable; its generalised Hessian is
+    ``I + 2c X_A^T X_A`` over the documents ``A`` inside the margin (Keerthi & DeCoste, 2005; the
+    truncated Newton method of liblinear, Lin et al., 2008). Each Newton step solves
+    ``H d = -g`` with conjugate gradients preconditioned by ``diag(H)``, then halves the step until
+    the objective decreases enough (Armijo). The labels are independent: each of the ``L`` columns
+    runs its own CG and line search, and a column leaves the matrix products once its CG is done.
+    Gradients, objectives and margins are float64 (float32 objectives stop changing before the
+    gradient vanishes); the Hessian products inside CG, which only shape the direction, are float32.
 
     Args:
         x: sparse ``[n, f]`` features.
         y: ``[n, L]`` 0/1 targets.
+        max_iter: the most Newton steps.
+        tolerance: a label is solved when the L2 norm of its gradient is at most this. The objective
+            is 1-strongly convex, so its weights (intercept included) are then within ``tolerance``
+            of the optimum, and its margins on a unit-norm document within ``sqrt(2) * tolerance``.
 
     Returns:
-        ``weight`` ``[L, f]``, ``bias`` ``[L]`` (float32) and ``{"iterations", "objective", "gradient_norm"}``
-        (evaluations of the objective, its final value, the largest absolute gradient entry).
+        ``weight`` ``[L, f]``, ``bias`` ``[L]`` (float32) and ``{"newton_steps", "cg_steps", "objective",
+        "gradient_norm"}`` (CG steps summed over labels; the summed objective at the end and the
+        largest of the labels' gradient norms).
     """
     if c <= 0 or not math.isfinite(c):
         raise ValueError(f"The lexical scorer's C must be a positive number, got {c!r}.")
-    x = x.coalesce().double()  # float64: float32 objectives stop changing before the gradient vanishes
-    xt = x.t().coalesce()
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"`x` has {x.shape[0]} rows but `y` has {y.shape[0]}.")
+    xa, xt = _with_intercept(x, torch.float64)  # [n, f + 1], [f + 1, n]
+    xa32, xt32 = xa.to(torch.float32), xt.to(torch.float32)
+    xt_squared = torch.sparse_csr_tensor(
+        xt.crow_indices(), xt.col_indices(), xt.values().square(), xt.shape, check_invariants=False
+    )
     signs = y.double() * 2 - 1  # [n, L]
-    params = torch.zeros(x.shape[1] + 1, y.shape[1], dtype=torch.float64, requires_grad=True)  # last row: intercepts
-    optimizer = torch.optim.LBFGS(
-        [params], lr=1, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=1e-10, history_size=10,
-        line_search_fn="strong_wolfe",
-    )  # fmt: skip
-    calls = {"n": 0}
+    w = torch.zeros(xa.shape[1], y.shape[1], dtype=torch.float64)  # [f + 1, L]; last row: intercepts
+    margins = torch.zeros_like(signs)  # x . w, kept up to date: line searches need no products
 
-    def objective() -> torch.Tensor:
-        optimizer.zero_grad()
-        with torch.no_grad():
-            w, b = params[:-1], params[-1]
-            margins = torch.sparse.mm(x, w) + b
-            slack = (1 - signs * margins).clamp(min=0)
-            value = 0.5 * params.square().sum() + c * slack.square().sum()
-            d_margins = -2 * c * slack * signs  # d value / d margins, [n, L]
-            grad = torch.cat([torch.sparse.mm(xt, d_margins), d_margins.sum(0, keepdim=True)]) + params
-        params.grad = grad
-        calls["n"] += 1
-        return value
+    def objective(w: torch.Tensor, margins: torch.Tensor, labels: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """Per-label objective ``[k]`` of the columns ``labels``, from their weights and margins."""
+        return 0.5 * w.square().sum(0) + c * (1 - signs[:, labels] * margins).clamp(min=0).square().sum(0)
 
-    optimizer.step(objective)
-    final = objective()
-    stats = {"iterations": calls["n"], "objective": float(final), "gradient_norm": float(params.grad.abs().max())}
-    weights = params.detach().float()
+    def gradient(w: torch.Tensor, margins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slack = (1 - signs * margins).clamp(min=0)  # [n, L]
+        return xt @ (-2 * c * slack * signs) + w, slack  # [f + 1, L]
+
+    newton_steps = cg_steps = 0
+    for _ in range(max_iter):
+        grad, slack = gradient(w, margins)
+        grad_norm = grad.norm(dim=0)  # [L]
+        todo = torch.nonzero(grad_norm > tolerance).flatten()  # labels not yet solved
+        if not todo.numel():
+            break
+        newton_steps += 1
+        active = (slack[:, todo] > 0).float()  # the generalised Hessian's documents, per label
+        preconditioner = 1 + 2 * c * (xt_squared @ active.double())  # diag(H), [f + 1, k]
+
+        def hessian_product(p: torch.Tensor, cols: torch.Tensor, active: torch.Tensor = active) -> torch.Tensor:
+            """``H p`` for the columns ``p`` ``[f + 1, m]`` of the labels ``todo[cols]``."""
+            return p + 2 * c * (xt32 @ (active[:, cols] * (xa32 @ p.float()))).double()
+
+        # CG stops at a residual of a tenth of the gradient (a constant forcing term)
+        step, taken = _preconditioned_cg(hessian_product, -grad[:, todo], preconditioner, 0.1 * grad_norm[todo])
+        cg_steps += taken
+        x_step = xa @ step  # [n, k]
+        w_todo, m_todo = w[:, todo], margins[:, todo]
+        before, slope = objective(w_todo, m_todo, todo), (grad[:, todo] * step).sum(0)
+        length = torch.ones_like(slope)
+        for _ in range(40):  # Armijo backtracking, per label
+            trial = objective(w_todo + length * step, m_todo + length * x_step, todo)
+            enough = trial <= before + 0.01 * length * slope
+            if enough.all():
+                break
+            length = torch.where(enough, length, length / 2)
+        length = torch.where(enough, length, 0.0)
+        logger.debug(
+            "Newton step %d: %d labels, largest gradient norm %.3g, %d CG steps, step lengths %.3g..%.3g",
+            newton_steps, todo.numel(), float(grad_norm.max()), cg_steps, float(length.min()), float(length.max()),
+        )  # fmt: skip
+        w[:, todo] = w_todo + length * step
+        margins[:, todo] = m_todo + length * x_step
+    else:
+        logger.warning("squared_hinge_svm: no convergence in %d Newton steps; the margins are approximate.", max_iter)
+    grad, _ = gradient(w, margins)
+    stats = {
+        "newton_steps": newton_steps,
+        "cg_steps": cg_steps,
+        "objective": float(objective(w, margins).sum()),
+        "gradient_norm": float(grad.norm(dim=0).max()),
+    }
+    weights = w.float()
     return weights[:-1].T.contiguous(), weights[-1].clone(), stats
 
 
@@ -171,7 +271,7 @@ def fit_lexical_scorer(
     training documents get a weight of 0 and a negative intercept.
 
     Returns:
-        ``{"documents", "features", "iterations", "objective", "gradient_norm", "train_micro_f1"}``.
+        ``{"documents", "features", "newton_steps", "cg_steps", "objective", "gradient_norm", "train_micro_f1"}``.
     """
     scorer = getattr(model, "lexical_label_scorer", None)
     if scorer is None:
@@ -186,15 +286,24 @@ def fit_lexical_scorer(
             raise ValueError(f"Label set {row} holds labels the model does not know: {unknown[:5]}.")
         for label in labels:
             targets[row, label2id[label]] = 1
+    if not texts:
+        raise ValueError("fit_lexical_scorer needs at least one training text.")
     encoded = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length)["input_ids"]
-    bags = token_bags(scorer, encoded)
-    idf = smooth_idf(bags, tokenizer.all_special_ids)
-    indices, counts = bags.indices(), bags.values()
-    values = (1 + torch.log(counts)) * idf[indices[1]]
-    norms = torch.zeros(bags.shape[0]).index_add_(0, indices[0], values.square()).sqrt().clamp(min=1e-12)
-    features = torch.sparse_coo_tensor(indices, values / norms[indices[0]], bags.shape, check_invariants=True)
+    df = document_frequencies(encoded, scorer.idf.shape[0])
+    scorer.idf.copy_(smooth_idf(df, len(encoded), tokenizer.all_special_ids).to(scorer.idf))
+    # The training matrix comes from `features`, the formula the scorer applies when deciding.
+    pad = next((i for i in (tokenizer.pad_token_id, *tokenizer.all_special_ids) if i is not None), None)
+    if pad is None:  # padding must be an id of idf 0
+        raise ValueError("fit_lexical_scorer needs a tokenizer with a padding (or other special) token.")
+    blocks = []
+    for start in range(0, len(encoded), 256):
+        rows = encoded[start : start + 256]
+        ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+        for row, seq in enumerate(rows):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        blocks.append(scorer.features(ids.to(scorer.idf.device)).cpu().to_sparse())
+    features = torch.cat(blocks).coalesce()  # [n, vocab_size]
     weight, bias, stats = squared_hinge_svm(features, targets, c)
-    scorer.idf.copy_(idf.to(scorer.idf))
     scorer.weight.copy_(weight.to(scorer.weight))
     scorer.bias.copy_(bias.to(scorer.bias))
     margins = torch.sparse.mm(features, weight.T) + bias
@@ -202,12 +311,12 @@ def fit_lexical_scorer(
     denominator = chosen.sum().item() + gold.sum().item()
     stats.update(
         documents=len(texts),
-        features=int((idf > 0).sum()),
+        features=int((scorer.idf > 0).sum()),
         train_micro_f1=2 * (chosen & gold).sum().item() / denominator if denominator else 1.0,
     )
     logger.info(
-        "lexical scorer: %d documents, %d features, %d L-BFGS evaluations, training micro-F1 %.4f",
-        stats["documents"], stats["features"], stats["iterations"], stats["train_micro_f1"],
+        "lexical scorer: %d documents, %d features, %d Newton steps (%d CG steps), training micro-F1 %.4f",
+        stats["documents"], stats["features"], stats["newton_steps"], stats["cg_steps"], stats["train_micro_f1"],
     )  # fmt: skip
     return stats
 
@@ -216,6 +325,7 @@ __all__ = [
     "LEXICAL_C",
     "LEXICAL_LOGIT_WEIGHTS",
     "LexicalLabelScorer",
+    "document_frequencies",
     "fit_lexical_scorer",
     "smooth_idf",
     "squared_hinge_svm",

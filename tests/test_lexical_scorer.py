@@ -19,7 +19,7 @@ from modeling import (
     tune_decoding_bias,
 )
 from modeling.configuration_labelformer import NUM_SPECIAL_DECODER_TOKENS
-from modeling.lexical_labelformer import LEXICAL_LOGIT_WEIGHTS, squared_hinge_svm
+from modeling.lexical_labelformer import LEXICAL_LOGIT_WEIGHTS, _preconditioned_cg, squared_hinge_svm
 
 from .synthetic import check_fast_greedy_matches_generate
 from .textdata import KEYWORDS, make_texts
@@ -107,6 +107,32 @@ def test_solver_reaches_the_optimum_and_matches_liblinear():
         assert abs(float(bias[label]) - float(reference.intercept_[0])) < 2e-3
     with pytest.raises(ValueError, match="C must be a positive number"):
         squared_hinge_svm(x.to_sparse(), y, c=0.0)
+
+
+def test_batched_cg_solves_each_column_to_its_own_tolerance():
+    """Each column is its own SPD system; columns stop at their own target and are packed away."""
+    generator = torch.Generator().manual_seed(0)
+    f, k = 40, 5
+    factors = torch.randn(k, f, f, generator=generator, dtype=torch.float64)
+    scales = torch.tensor([1.0, 10.0, 100.0, 1.0, 0.1], dtype=torch.float64)  # different conditioning
+    systems = torch.eye(f, dtype=torch.float64) + scales[:, None, None] * factors @ factors.transpose(1, 2) / f
+    rhs = torch.randn(f, k, generator=generator, dtype=torch.float64)
+    targets = torch.tensor([1e-8, 1e-8, 1e-8, 1e-2, 1e-8], dtype=torch.float64) * rhs.norm(dim=0)
+    calls = []
+
+    def product(p, cols):
+        calls.append(cols.clone())
+        return torch.einsum("mij,jm->im", systems[cols], p)
+
+    diagonal = torch.diagonal(systems, dim1=1, dim2=2).T  # [f, k]
+    solution, steps = _preconditioned_cg(product, rhs, diagonal, targets)
+    exact = torch.linalg.solve(systems, rhs.T.unsqueeze(-1)).squeeze(-1).T
+    residuals = (rhs - torch.einsum("mij,jm->im", systems, solution)).norm(dim=0)
+    assert (residuals <= targets * 1.0001).all()
+    torch.testing.assert_close(solution[:, [0, 1, 2, 4]], exact[:, [0, 1, 2, 4]], rtol=1e-6, atol=1e-7)
+    assert steps == sum(len(cols) for cols in calls)
+    assert 3 not in calls[-1].tolist()  # the loose column left early
+    assert len(calls[-1]) < k
 
 
 @pytest.mark.parametrize("head", HEADS)
