@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import logging
 
 from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS
 from .multilabel_labelformer import (
@@ -41,6 +42,33 @@ from .multilabel_labelformer import (
 
 _HEADS = (LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification)
 
+logger = logging.get_logger(__name__)
+
+
+def check_lexical_scorers(models: Sequence[nn.Module]) -> None:
+    """Raise when some members have a lexical scorer and others not; warn when their scorers differ.
+
+    The ensemble adds member 0's margins once (`lexical_label_scorer`): right when every member was
+    fitted on the same training texts (train_multilabel.py on one split does that), not otherwise.
+    """
+    scorers = [getattr(model, "lexical_label_scorer", None) for model in models]
+    for i, scorer in enumerate(scorers[1:], start=1):
+        if (scorer is None) != (scorers[0] is None):
+            raise ValueError(
+                f"Member {i} {'has no' if scorer is None else 'has a'} lexical scorer but member 0 "
+                f"{'has one' if scorer is None else 'has none'}: ensemble members must all be built with the same "
+                "`lexical_scorer` setting."
+            )
+        if scorer is not None and not all(
+            torch.allclose(getattr(scorer, name).float(), getattr(scorers[0], name).float(), atol=1e-3)
+            for name in ("idf", "weight", "bias")
+        ):
+            logger.warning(
+                "Member %d holds another lexical scorer than member 0 (fitted on other texts or settings); the "
+                "ensemble adds member 0's margins only.",
+                i,
+            )
+
 
 class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.Module):
     """Models of one multi-label head that predict together; `predict_labels` as on a single model.
@@ -52,7 +80,9 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
 
     Raises:
         ValueError: no models, mixed or unsupported heads, or members whose labels, label
-            limits or vocabulary sizes differ (the message names the first mismatch).
+            limits, vocabulary sizes or lexical-scorer settings differ (the message names the first
+            mismatch). Members whose fitted lexical scorers differ get a warning: the ensemble
+            uses member 0's.
     """
 
     def __init__(self, models: Sequence[nn.Module]) -> None:
@@ -75,6 +105,7 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
                         f"Member {i} differs from member 0 in `{key}`: ensemble members must be trained on the "
                         "same label set with the same tokenizer and label limits."
                     )
+        check_lexical_scorers(models)
         self.members = nn.ModuleList(models)
         self.is_generation = head is LabelformerForMultiLabelGeneration
         #: Member 0's config; for threshold heads ``classifier_threshold``, ``label_name_bias`` and

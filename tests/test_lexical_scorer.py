@@ -41,7 +41,7 @@ def lexical_model(head, tokenizer, rows=None, weight: float = 0.0, seed: int = 0
     settings = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0)  # fmt: skip
     config = LabelformerConfig.from_labels(
-        sorted(KEYWORDS), vocab_size=len(tokenizer), lexical_scorer=True, **{**settings, **overrides}
+        sorted(KEYWORDS), vocab_size=len(tokenizer), **{**settings, "lexical_scorer": True, **overrides}
     )
     model = head(config).eval()
     if rows is not None:
@@ -182,6 +182,25 @@ def test_ensembles_set_the_weight_everywhere_and_threshold_ensembles_start_from_
     assert [m.config.lexical_logit_weight for m in members] == [2.0, 2.0] == [ensemble.config.lexical_logit_weight] * 2
     thresholds = [lexical_model(LabelformerForMultiLabelClassification, tokenizer, train, weight=w) for w in (1, 3)]
     assert LabelformerEnsemble(thresholds).config.lexical_logit_weight == 2.0
+
+
+def test_ensembles_check_their_members_scorers(corpus, caplog):
+    """Member 0's scorer serves all: a member without one is refused, a differently fitted one is flagged."""
+    tokenizer, train, _ = corpus
+    head = LabelformerForMultiLabelClassification
+    same = [lexical_model(head, tokenizer, train, seed=s) for s in (0, 1)]  # same texts: same scorer
+    with caplog.at_level("WARNING"):
+        LabelformerEnsemble(same)
+    assert "another lexical scorer" not in caplog.text
+    other = lexical_model(head, tokenizer, train[: len(train) // 2], seed=2)
+    with caplog.at_level("WARNING"):
+        LabelformerEnsemble([same[0], other])
+    assert "Member 1 holds another lexical scorer" in caplog.text
+    plain = lexical_model(head, tokenizer, seed=3, lexical_scorer=False)
+    with pytest.raises(ValueError, match="Member 1 has no lexical scorer but member 0 has one"):
+        LabelformerEnsemble([same[0], plain])
+    with pytest.raises(ValueError, match="Member 1 has a lexical scorer but member 0 has none"):
+        LabelformerEnsemble([plain, same[0]])
 
 
 def test_threshold_tuning_fits_the_weight_with_the_threshold(corpus):
