@@ -243,9 +243,9 @@ def squared_hinge_svm(
         )  # fmt: skip
         w[:, todo] = w_todo + length * step
         margins[:, todo] = m_todo + length * x_step
-    else:
+    else:  # the loop's last gradient predates its last step
         logger.warning("squared_hinge_svm: no convergence in %d Newton steps; the margins are approximate.", max_iter)
-    grad, _ = gradient(w, margins)
+        grad, _ = gradient(w, margins)
     stats = {
         "newton_steps": newton_steps,
         "cg_steps": cg_steps,
