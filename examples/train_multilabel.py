@@ -807,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--lexical_scorer", action=argparse.BooleanOptionalAction, default=None,
         help="Threshold and generation heads (default on; --no-lexical_scorer turns it off): fit a linear SVM on the "
-        "tf-idf bag of each training document's tokens before training (convex; minutes on Reuters, 2 cores) and add "
+        "tf-idf bag of each training document's tokens before training (convex; seconds on Reuters, 2 cores) and add "
         "its margins to the label logits when deciding, with a weight fit on validation (with the threshold, or with "
         "the decoding bias).",
     )  # fmt: skip
