@@ -130,6 +130,11 @@ class LabelformerConfig(PretrainedConfig):
         lexical_logit_weight: How much the lexical scorer's margins count when deciding; 0 turns
             them off. Needs ``lexical_scorer``. Fit it on validation data (`tune_decoding_bias`,
             `tune_decision_rule`).
+        lexical_training_weight: Stacking: how much out-of-fold lexical margins count in the training
+            loss. When a training batch passes ``lexical_margins`` ``[b, num_labels]`` (margins of
+            scorers fit without the batch's documents, `out_of_fold_lexical_margins`), the head adds
+            this weight times them to its label logits before the loss, so the network learns what
+            the bag-of-words model misses. 0 (the default) trains without them. Needs ``lexical_scorer``.
     """
 
     model_type = "labelformer"
@@ -184,6 +189,7 @@ class LabelformerConfig(PretrainedConfig):
         label_name_feature: bool = False,
         lexical_scorer: bool = False,
         lexical_logit_weight: float = 0.0,
+        lexical_training_weight: float = 0.0,
         pad_token_id: int = PAD_TOKEN_ID,
         bos_token_id: int = BOS_TOKEN_ID,
         eos_token_id: int = EOS_TOKEN_ID,
@@ -232,6 +238,7 @@ class LabelformerConfig(PretrainedConfig):
         self.label_name_feature = label_name_feature
         self.lexical_scorer = lexical_scorer
         self.lexical_logit_weight = lexical_logit_weight
+        self.lexical_training_weight = lexical_training_weight
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -291,15 +298,15 @@ class LabelformerConfig(PretrainedConfig):
         self._validate_label_names()
         if not isinstance(self.lexical_scorer, bool):
             raise ValueError(f"`lexical_scorer` must be True or False, got {self.lexical_scorer!r}.")
-        if not _is_finite_number(self.lexical_logit_weight) or self.lexical_logit_weight < 0:
-            raise ValueError(
-                f"`lexical_logit_weight` must be a finite number >= 0 (0 = off), got {self.lexical_logit_weight!r}."
-            )
-        if self.lexical_logit_weight and not self.lexical_scorer:
-            raise ValueError(
-                "`lexical_logit_weight` is set but the model has no lexical scorer: set lexical_scorer=True "
-                "(and fit it with fit_lexical_scorer), or set lexical_logit_weight=0."
-            )
+        for key in ("lexical_logit_weight", "lexical_training_weight"):
+            value = getattr(self, key)
+            if not _is_finite_number(value) or value < 0:
+                raise ValueError(f"`{key}` must be a finite number >= 0 (0 = off), got {value!r}.")
+            if value and not self.lexical_scorer:
+                raise ValueError(
+                    f"`{key}` is set but the model has no lexical scorer: set lexical_scorer=True "
+                    f"(and fit it with fit_lexical_scorer), or set {key}=0."
+                )
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             raise ValueError(f"`layer_norm_eps` must be a positive number, got {self.layer_norm_eps!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:

@@ -56,6 +56,7 @@ from modeling import (  # noqa: E402
     fit_lexical_scorer,
     label_name_token_ids,
     load_multilabel_dataset,
+    out_of_fold_lexical_margins,
     split_unknown_labels,
     train_tokenizer,
 )
@@ -205,6 +206,9 @@ def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labe
         auxiliary_bce_weight=args.auxiliary_bce_weight if args.head == "generation" else 0.0,
         global_label_logits=bool(args.global_label_logits),
         lexical_scorer=bool(args.lexical_scorer),
+        # stacking: validation during training decodes with the weight the network was trained beside
+        lexical_logit_weight=args.lexical_stacking,
+        lexical_training_weight=args.lexical_stacking,
         parallel_loss=args.parallel_loss,
     )
     return HEADS[args.head](config)
@@ -463,6 +467,11 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         init_encoder_from(model, args.init_encoder_from)
     if args.lexical_scorer and checkpoint is None:  # resuming loads the fitted scorer with the weights
         fit_lexical_scorer(model, tokenizer, data["train"]["text"], train_labels, args.lexical_c, args.max_length)
+    stacked = None
+    if args.lexical_stacking:  # recomputed on resume: deterministic for a seed, and not worth a checkpoint file
+        stacked = out_of_fold_lexical_margins(
+            model, tokenizer, data["train"]["text"], train_labels, args.lexical_c, args.max_length, seed=args.seed
+        )
     logger.info(
         "%s: %d labels, %s parameters, %d train / %d validation documents, %d process(es) (%s)",
         type(model).__name__,
@@ -477,7 +486,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     train_set = data["train"].add_column("row", list(range(len(data["train"]))))
     collator = MultiLabelCollator(
         tokenizer, model.config, args.max_length, head="classification" if args.head == "threshold" else "generation",
-        seed=args.seed,
+        seed=args.seed, lexical_margins=stacked,
     )  # fmt: skip
     # A private generator: creating a DataLoader iterator draws a seed from the loader's generator, and
     # drawing it from the global RNG would shift dropout masks after a resume.
@@ -814,6 +823,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--lexical_c", type=float, default=LEXICAL_C, help="The lexical scorer's SVM regularisation constant C."
     )
+    g.add_argument(
+        "--lexical_stacking", type=float, default=0.0,
+        help="Stacking (needs --lexical_scorer): add this weight times out-of-fold lexical margins (5 scorers, each "
+        "fit without a fifth of the training documents) to the label logits in the training loss, so the network "
+        "learns what the SVM misses. 0 (default) = off; the decision weight is still fit on validation.",
+    )  # fmt: skip
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--max_steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
@@ -880,6 +895,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.lexical_scorer = args.head != "parallel"
     if not args.lexical_c > 0:
         p.error(f"--lexical_c must be > 0 (got {args.lexical_c}).")
+    if not (math.isfinite(args.lexical_stacking) and args.lexical_stacking >= 0):
+        p.error(f"--lexical_stacking must be a finite number >= 0 (got {args.lexical_stacking}); 0 turns it off.")
+    if args.lexical_stacking and not args.lexical_scorer:
+        p.error("--lexical_stacking needs the lexical scorer (--lexical_scorer, threshold or generation head).")
     if args.encoder_lr_scale <= 0:
         p.error(f"--encoder_lr_scale must be > 0 (got {args.encoder_lr_scale}); 1 trains all weights at one rate.")
     return args

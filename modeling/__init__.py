@@ -19,7 +19,7 @@ from .data_labelformer import (
 from .ensemble_labelformer import LabelformerEnsemble
 from .evaluation_labelformer import tune_decoding_bias
 from .label_names_labelformer import label_name_token_ids, named_labels
-from .lexical_labelformer import LexicalLabelScorer, fit_lexical_scorer
+from .lexical_labelformer import LexicalLabelScorer, fit_lexical_scorer, out_of_fold_lexical_margins
 from .modeling_labelformer import (
     LabelformerForConditionalGeneration,
     LabelformerModel,
@@ -81,6 +81,7 @@ __all__ = [
     "label_name_token_ids",
     "LexicalLabelScorer",
     "fit_lexical_scorer",
+    "out_of_fold_lexical_margins",
     "load_multilabel_dataset",
     "named_labels",
     "prior_label_bias",

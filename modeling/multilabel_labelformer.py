@@ -233,6 +233,25 @@ class MultiLabelPredictionMixin:
             return None
         return self.lexical_margins(input_ids) * self.config.lexical_logit_weight
 
+    def lexical_training_logits(self, lexical_margins: torch.Tensor | None) -> torch.Tensor | None:
+        """``[b, num_labels]`` float: ``config.lexical_training_weight`` times the out-of-fold margins a
+        training batch passes (stacking), or ``None`` when there are none. Margins without a training
+        weight raise: they would be silently ignored."""
+        if lexical_margins is None:
+            return None
+        weight = self.config.lexical_training_weight
+        if not weight:
+            raise ValueError(
+                "`lexical_margins` were passed but config.lexical_training_weight is 0: set it (> 0) to train "
+                "with out-of-fold lexical margins (stacking), or leave `lexical_margins` out."
+            )
+        if lexical_margins.dim() != 2 or lexical_margins.shape[1] != self.config.num_labels:
+            raise ValueError(
+                f"`lexical_margins` must be [batch, num_labels={self.config.num_labels}], "
+                f"got shape {tuple(lexical_margins.shape)}."
+            )
+        return lexical_margins.float() * weight
+
     def set_lexical_logit_weight(self, weight: float) -> None:
         """Set (and validate) ``config.lexical_logit_weight``; `save_pretrained` keeps it."""
         old = self.config.lexical_logit_weight
@@ -589,10 +608,11 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         decoder_input_ids: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
         labels: torch.Tensor | None = None,
+        lexical_margins: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """As `LabelformerForConditionalGeneration.forward`, plus scheduled sampling, the auxiliary loss and
-        the learned label-name term.
+        """As `LabelformerForConditionalGeneration.forward`, plus scheduled sampling, the auxiliary loss,
+        the learned label-name term and stacked lexical margins.
 
         With ``config.auxiliary_bce_weight`` > 0 and ``labels`` given, the loss is the sequence
         cross-entropy plus that weight times the BCE of ``auxiliary_classifier`` (mean-pooled encoder
@@ -603,10 +623,17 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         logits lack it: decoding adds it as the row bias of `decoder_row_bias`.
         With ``config.global_label_logits`` the document-level label logits (`global_row_bias`) are
         added at every position on every call, before the loss.
+        ``lexical_margins`` ``[b, num_labels]`` (training with ``config.lexical_training_weight``: margins
+        of scorers that did not see the document, `out_of_fold_lexical_margins`) are added, times that
+        weight, at every position before the loss. Decoding adds the fitted scorer's margins instead
+        (`decoder_row_bias`).
         """
         learned = None
         if input_ids is not None or labels is not None:
             learned = self.learned_row_bias(input_ids)  # with the feature, training without `input_ids` raises
+        stacked = self.lexical_training_logits(lexical_margins)
+        if stacked is not None:
+            learned = add_optional(learned, nn.functional.pad(stacked, (NUM_SPECIAL_DECODER_TOKENS, 0)))
         sampling = self.training and self.scheduled_sampling_probability and decoder_input_ids is None
         auxiliary = self.config.auxiliary_bce_weight and labels is not None
         needs_states = (labels is not None and (sampling or auxiliary)) or self.config.global_label_logits
@@ -1017,12 +1044,14 @@ class LabelformerForMultiLabelClassification(
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        lexical_margins: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutput:
         """``[b, s]`` ids -> ``logits`` ``[b, num_labels]``; with ``labels`` also the mean BCE ``loss``.
 
         With ``config.label_name_feature`` the logits include the learned label-name term
-        (`learned_name_logits`), which needs ``input_ids``.
+        (`learned_name_logits`), which needs ``input_ids``. ``lexical_margins`` ``[b, num_labels]``
+        (stacking: out-of-fold margins, in training) are added times ``config.lexical_training_weight``.
         """
         encoded = self.encoder(
             input_ids,
@@ -1033,8 +1062,9 @@ class LabelformerForMultiLabelClassification(
         )
         logits = self.classifier(self.dropout(self.pool(encoded.last_hidden_state, attention_mask)))
         learned = self.learned_name_logits(input_ids)
-        if learned is not None:
-            logits = logits + learned.to(logits.dtype)
+        logits = add_optional(logits, None if learned is None else learned.to(logits.dtype))
+        stacked = self.lexical_training_logits(lexical_margins)
+        logits = add_optional(logits, None if stacked is None else stacked.to(logits.dtype))
         loss = None
         if labels is not None:
             loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.to(torch.float32))

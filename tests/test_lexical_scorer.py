@@ -14,7 +14,9 @@ from modeling import (
     LabelformerForMultiLabelClassification,
     LabelformerForMultiLabelGeneration,
     LabelformerForParallelLabelGeneration,
+    MultiLabelCollator,
     fit_lexical_scorer,
+    out_of_fold_lexical_margins,
     train_tokenizer,
     tune_decoding_bias,
 )
@@ -247,6 +249,8 @@ def test_tune_decoding_bias_also_tries_lexical_weights(corpus):
         ({"lexical_scorer": True, "lexical_logit_weight": -1.0}, "must be a finite number >= 0"),
         ({"lexical_scorer": True, "lexical_logit_weight": float("nan")}, "must be a finite number >= 0"),
         ({"lexical_logit_weight": 1.0}, "has no lexical scorer"),
+        ({"lexical_scorer": True, "lexical_training_weight": -2.0}, "`lexical_training_weight` must be a finite"),
+        ({"lexical_training_weight": 4.0}, "`lexical_training_weight` is set but the model has no lexical scorer"),
     ],
 )
 def test_bad_lexical_settings_are_rejected(overrides, message):
@@ -279,3 +283,64 @@ def test_misuse_gives_clear_errors(corpus):
     with pytest.raises(ValueError, match="parallel head does not support `lexical_scorer`"):
         LabelformerForParallelLabelGeneration(config)
     assert json.loads(config.to_json_string())["lexical_scorer"] is True
+
+
+def test_out_of_fold_margins_come_from_scorers_that_never_saw_the_row(corpus):
+    tokenizer, train, _ = corpus
+    texts, label_sets = [r["text"] for r in train], [r["labels"] for r in train]
+    model = lexical_model(LabelformerForMultiLabelGeneration, tokenizer, train)
+    fitted = model.lexical_label_scorer.weight.clone()
+    margins = out_of_fold_lexical_margins(model, tokenizer, texts, label_sets, max_length=32, folds=4, seed=3)
+    assert margins.shape == (len(train), len(KEYWORDS)) and torch.isfinite(margins).all()
+    assert torch.equal(model.lexical_label_scorer.weight, fitted)  # the model's own scorer is left alone
+    # Rebuild one fold by hand: the same random split, a scorer fit on the other three parts.
+    held = torch.randperm(len(train), generator=torch.Generator().manual_seed(3))[1::4].tolist()
+    rest = [r for i, r in enumerate(train) if i not in set(held)]
+    other = lexical_model(LabelformerForMultiLabelGeneration, tokenizer, rest)
+    ids, _ = encode(tokenizer, [train[i] for i in held])
+    torch.testing.assert_close(margins[held], other.lexical_margins(ids), atol=1e-5, rtol=1e-5)
+    # Held-out margins are less sure of the gold labels than the margins of the scorer fit on every row.
+    ids, _ = encode(tokenizer, train)
+    inside = model.lexical_margins(ids)
+    gold = torch.tensor([[label in r["labels"] for label in sorted(KEYWORDS)] for r in train])
+    assert margins[gold].mean() < inside[gold].mean() and margins[~gold].mean() > inside[~gold].mean()
+    assert torch.equal(margins, out_of_fold_lexical_margins(model, tokenizer, texts, label_sets, max_length=32,
+                                                            folds=4, seed=3))  # fmt: skip
+    with pytest.raises(ValueError, match="`folds` must be an integer >= 2"):
+        out_of_fold_lexical_margins(model, tokenizer, texts, label_sets, folds=1)
+    with pytest.raises(ValueError, match="at least as many texts as folds"):
+        out_of_fold_lexical_margins(model, tokenizer, texts[:3], label_sets[:3], folds=5)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_stacked_margins_enter_the_training_logits_and_loss(corpus, head):
+    tokenizer, train, _ = corpus
+    model = lexical_model(head, tokenizer, train, lexical_training_weight=2.5)
+    generation = head is LabelformerForMultiLabelGeneration
+    collator = MultiLabelCollator(tokenizer, model.config, 32, head="generation" if generation else "classification")
+    rows = [{**r, "row": i} for i, r in enumerate(train[:6])]
+    plain = collator(rows)
+    assert "lexical_margins" not in plain
+    stacked_margins = torch.randn(len(train), len(KEYWORDS))
+    collator.lexical_margins = stacked_margins
+    batch = collator(rows[::-1])  # rows pick their own margins, whatever the batch order
+    torch.testing.assert_close(batch["lexical_margins"], stacked_margins[:6].flip(0))
+    without = model(**{k: v for k, v in batch.items() if k != "lexical_margins"})
+    with_margins = model(**batch)
+    added = with_margins.logits - without.logits
+    expected = 2.5 * batch["lexical_margins"]
+    if generation:  # every decoder position, labels only
+        specials, added = added[..., :NUM_SPECIAL_DECODER_TOKENS], added[..., NUM_SPECIAL_DECODER_TOKENS:]
+        assert not specials.any()
+        expected = expected[:, None, :].expand_as(added)
+    torch.testing.assert_close(added, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(with_margins.loss, without.loss)
+    with_margins.loss.backward()  # the margins are inputs, not parameters: the network's weights get gradients
+    assert model.lexical_label_scorer.weight.grad is None
+    with pytest.raises(ValueError, match="`lexical_margins` must be \\[batch, num_labels=3\\]"):
+        model(**{**batch, "lexical_margins": batch["lexical_margins"][:, :2]})
+    unstacked = lexical_model(head, tokenizer, train)
+    with pytest.raises(ValueError, match="lexical_training_weight is 0"):
+        unstacked(**batch)
+    with pytest.raises(ValueError, match="every row needs its `row` index"):
+        collator(train[:2])

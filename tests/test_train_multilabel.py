@@ -69,8 +69,9 @@ def data_args(files: dict[str, str]) -> list[str]:
 @pytest.mark.parametrize("head", ["generation", "threshold"])
 def test_training_writes_model_metrics_card_and_plots(tmp_path, data_files, head):
     out = tmp_path / "run"
+    stacking = ["--lexical_stacking", "2"] if head == "threshold" else []  # the generator's stacking: resume test
     proc = run([*TINY, *data_args(data_files), "--head", head, "--epochs", "2", "--output_dir", str(out),
-                "--lexical_scorer"])  # fmt: skip
+                "--lexical_scorer", *stacking])  # fmt: skip
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert {"micro_f1", "macro_f1", "example_f1", "subset_accuracy", "hamming_loss", "jaccard"} <= set(metrics)
     assert "Test metrics" in proc.stdout and "Example predictions" in proc.stdout
@@ -98,6 +99,9 @@ def test_training_writes_model_metrics_card_and_plots(tmp_path, data_files, head
     weights = load_file(out / "model.safetensors")
     assert weights["lexical_label_scorer.idf"].count_nonzero() > 50 and weights["lexical_label_scorer.weight"].any()
     assert (out / "lexical_labelformer.py").is_file()  # the remote code travels with the folder
+    assert config["lexical_training_weight"] == (2.0 if stacking else 0.0)
+    if stacking:
+        assert "out-of-fold margins of" in proc.stderr
     if head == "generation":  # the decoding bias was fit on validation and saved with the model
         tuned = metrics["decoding_bias"]
         assert tuned["micro_f1"] >= tuned["unbiased_micro_f1"]
@@ -130,9 +134,12 @@ def final_checkpoint(out: Path) -> Path:
     return max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-@pytest.mark.parametrize("batching", ["--no-group_by_length", "--group_by_length"])
+@pytest.mark.parametrize(
+    "batching", [["--no-group_by_length"], ["--group_by_length", "--lexical_stacking", "3"]], ids=["plain", "grouped"]
+)
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, tokenizer_dir, batching):
-    common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "2", batching,
+    # the second case also stacks out-of-fold lexical margins: a resumed run must get the same ones
+    common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "2", *batching,
               "--save_every_steps", "5", "--label_order", "random",
               "--scheduled_sampling", "0.3", "--save_total_limit", "10", "--ema_decay", "0.9"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -213,6 +220,8 @@ def test_bad_input_gives_clear_errors(tmp_path, data_files):
     cases.append((["--train_file", str(bad)], "labels must be a list of strings or a string"))
     cases.append((["--encoder_lr_scale", "0"], "--encoder_lr_scale must be > 0"))
     cases.append((["--lexical_c", "0"], "--lexical_c must be > 0"))
+    cases.append((["--lexical_stacking", "-1"], "--lexical_stacking must be a finite number >= 0"))
+    cases.append((["--lexical_stacking", "2", "--no-lexical_scorer"], "--lexical_stacking needs the lexical scorer"))
     cases.append((["--head", "parallel", "--lexical_scorer"], "--lexical_scorer is for the threshold and generation"))
     for extra, message in cases:
         proc = run([*TINY, *extra, "--output_dir", out, "--overwrite_output_dir"], check=False)
