@@ -7,9 +7,9 @@ loss of scikit-learn's ``LinearSVC``), separately from the network. When the hea
 before its threshold, the generation head at every decoding step. By default the network's training
 loss never sees it; with ``config.lexical_training_weight`` > 0 (stacking, Wolpert 1992) training adds
 that weight times *out-of-fold* margins (`out_of_fold_lexical_margins`: each document scored by a
-scorer fit without it) to the label logits, so the network learns what the SVM misses. A bag-of-words linear model errs on other documents than the Transformer does (it
-reads every word with the same weight, the network learns soft, contextual evidence), so the sum
-is better than either (wide & deep: Cheng et al., 2016, "Wide & Deep Learning for Recommender
+scorer fit without it) to the label logits, so the network learns what the SVM misses. A
+bag-of-words linear model errs on other documents than the Transformer does (it reads every word
+with the same weight, the network learns soft, contextual evidence), so the sum is better than either (wide & deep: Cheng et al., 2016, "Wide & Deep Learning for Recommender
 Systems"). Everything is trained on the training documents only: still from scratch.
 
     scorer_stats = fit_lexical_scorer(model, tokenizer, train_texts, train_label_sets)
