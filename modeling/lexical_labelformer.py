@@ -10,7 +10,8 @@ that weight times *out-of-fold* margins (`out_of_fold_lexical_margins`: each doc
 scorer fit without it) to the label logits, so the network learns what the SVM misses. A
 bag-of-words linear model errs on other documents than the Transformer does (it reads every word
 with the same weight, the network learns soft, contextual evidence), so the sum is better than
-either (wide & deep: Cheng et al., 2016, "Wide & Deep Learning for Recommender Systems"). Everything is trained on the training documents only: still from scratch.
+either (wide & deep: Cheng et al., 2016, "Wide & Deep Learning for Recommender Systems").
+Everything is trained on the training documents only: still from scratch.
 
     scorer_stats = fit_lexical_scorer(model, tokenizer, train_texts, train_label_sets)
     model.set_lexical_logit_weight(1.0)     # or fit it on validation (tune_decoding_bias, tune_decision_rule)
