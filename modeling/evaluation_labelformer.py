@@ -121,8 +121,10 @@ def tune_decoding_bias(
     weight (the EOS bias is tried again because naming labels makes longer label sets). Last, when
     the model has a lexical scorer, it tries every ``lexical_logit_weight`` of ``lexical_weights``
     (default `LEXICAL_LOGIT_WEIGHTS`) with every EOS bias, at the best prior weight and label-name
-    bias. The winner stays set on ``model`` (a `LabelformerForMultiLabelGeneration` or an ensemble
-    of them), so `save_pretrained` keeps it.
+    bias. A model trained with stacked lexical margins (``config.lexical_training_weight`` > 0) is
+    searched at that weight in the first two stages (its network expects the margins), and the
+    last stage tries the other weights, 0 included. The winner stays set on ``model`` (a
+    `LabelformerForMultiLabelGeneration` or an ensemble of them), so `save_pretrained` keeps it.
 
     Args:
         predict: decodes the validation texts with ``model`` as it is set now (greedy is enough).
@@ -165,15 +167,19 @@ def tune_decoding_bias(
             eos, weight, name_bias, lexical_weight, metric, value,
         )  # fmt: skip
 
+    # A network trained beside lexical margins (stacking) decides with them: the first two stages
+    # keep its training weight, and the last one tries the others (0 included).
+    base = float(getattr(model.config, "lexical_training_weight", 0.0) or 0.0) if lexical else 0.0
     settings = [(0.0, 0.0)] + [(e, w) for w in prior_weights for e in eos_biases if (e, w) != (0.0, 0.0)]
     for eos, weight in settings:
-        score(eos, weight, 0.0)
+        score(eos, weight, 0.0, base)
     prior = max(grid, key=lambda row: row[metric])["prior_weight"]  # first best: no bias wins ties
     for name_bias in sorted({float(b) for b in label_name_biases} - {0.0}):
         for eos in eos_biases:
-            score(eos, prior, name_bias)
+            score(eos, prior, name_bias, base)
     names = max(grid, key=lambda row: row[metric])["label_name_bias"]
-    for lexical_weight in sorted({float(w) for w in lexical_weights} - {0.0}):
+    tried = {0.0, *map(float, lexical_weights)} if lexical_weights else set()
+    for lexical_weight in sorted(tried - {base}):
         for eos in eos_biases:
             score(eos, prior, names, lexical_weight)
     best = max(grid, key=lambda row: row[metric])

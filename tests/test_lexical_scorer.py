@@ -242,6 +242,25 @@ def test_tune_decoding_bias_also_tries_lexical_weights(corpus):
     assert tuned["lexical_logit_weight"] == 0.0 and model.config.lexical_logit_weight == 0.0
 
 
+def test_tune_decoding_bias_searches_a_stacked_model_at_its_training_weight(corpus):
+    tokenizer, train, test = corpus
+    model = lexical_model(LabelformerForMultiLabelGeneration, tokenizer, train, lexical_training_weight=5.0)
+    references = [r["labels"] for r in test]
+
+    def predict(m) -> list[list[str]]:  # the stacked network is right only beside its margins, with the prior
+        ok = m.config.lexical_logit_weight == 5.0 and m.config.label_logit_bias is not None
+        return references if ok else [["money"]] * len(references)
+
+    tuned = tune_decoding_bias(model, predict, references, {}, prior_weights=(0.2,))
+    assert (tuned["lexical_logit_weight"], tuned["prior_weight"], tuned["micro_f1"]) == (5.0, 0.2, 1.0)
+    from modeling.evaluation_labelformer import EOS_BIASES
+
+    prior_stage = tuned["grid"][: 1 + len(EOS_BIASES)]  # no bias, then every EOS bias with the prior
+    assert [row["lexical_logit_weight"] for row in prior_stage] == [5.0] * len(prior_stage)
+    assert [row["prior_weight"] for row in prior_stage] == [0.0] + [0.2] * len(EOS_BIASES)
+    assert {row["lexical_logit_weight"] for row in tuned["grid"]} == {0.0, 5.0, *LEXICAL_LOGIT_WEIGHTS}
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
