@@ -299,6 +299,7 @@ def fit_lexical_scorer(
     return stats
 
 
+@torch.no_grad()
 def out_of_fold_lexical_margins(
     model: Any,
     tokenizer: Any,
@@ -334,11 +335,10 @@ def out_of_fold_lexical_margins(
         part = LexicalLabelScorer(scorer.idf.shape[0], targets.shape[1]).to(scorer.idf.device)
         rows = kept.nonzero().squeeze(1).tolist()
         _fit_on_ids(part, [encoded[i] for i in rows], targets[kept], c, tokenizer)
-        with torch.no_grad():
-            for start in range(0, len(held), 256):
-                chunk = held[start : start + 256].tolist()
-                ids = _padded([encoded[i] for i in chunk], _pad_id(tokenizer)).to(part.idf.device)
-                margins[chunk] = part(ids).cpu()
+        for start in range(0, len(held), 256):
+            chunk = held[start : start + 256].tolist()
+            ids = _padded([encoded[i] for i in chunk], _pad_id(tokenizer)).to(part.idf.device)
+            margins[chunk] = part(ids).cpu()
     logger.info("lexical scorer: out-of-fold margins of %d documents (%d folds)", len(texts), folds)
     return margins
 
