@@ -169,7 +169,7 @@ def tune_decoding_bias(
 
     # A network trained beside lexical margins (stacking) decides with them: the first two stages
     # keep its training weight, and the last one tries the others (0 included).
-    base = float(getattr(model.config, "lexical_training_weight", 0.0) or 0.0) if lexical else 0.0
+    base = float(model.config.lexical_training_weight) if lexical else 0.0
     settings = [(0.0, 0.0)] + [(e, w) for w in prior_weights for e in eos_biases if (e, w) != (0.0, 0.0)]
     for eos, weight in settings:
         score(eos, weight, 0.0, base)

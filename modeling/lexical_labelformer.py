@@ -280,9 +280,7 @@ def fit_lexical_scorer(
     Returns:
         ``{"documents", "features", "newton_steps", "cg_steps", "objective", "gradient_norm", "train_micro_f1"}``.
     """
-    scorer = _scorer_of(model)
-    targets = _label_matrix(model.config, texts, label_sets)
-    encoded = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length)["input_ids"]
+    scorer, targets, encoded = _training_inputs(model, tokenizer, texts, label_sets, max_length)
     features, stats = _fit_on_ids(scorer, encoded, targets, c, tokenizer)
     margins = torch.sparse.mm(features, scorer.weight.float().T.cpu()) + scorer.bias.float().cpu()
     chosen, gold = margins > 0, targets.bool()
@@ -319,13 +317,12 @@ def out_of_fold_lexical_margins(
     too much. ``model`` only gives the label vocabulary and sizes; its own scorer is not changed.
     Pass the result to `MultiLabelCollator` (``lexical_margins``) with ``config.lexical_training_weight`` > 0.
     """
-    scorer = _scorer_of(model)
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
         raise ValueError(f"`folds` must be an integer >= 2, got {folds!r}.")
-    targets = _label_matrix(model.config, texts, label_sets)
+    scorer, targets, encoded = _training_inputs(model, tokenizer, texts, label_sets, max_length)
     if len(texts) < folds:
         raise ValueError(f"Out-of-fold margins need at least as many texts as folds ({folds}), got {len(texts)}.")
-    encoded = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length)["input_ids"]
+    pad = _pad_id(tokenizer)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
     margins = torch.zeros(len(texts), targets.shape[1])
     for fold in range(folds):
@@ -337,17 +334,23 @@ def out_of_fold_lexical_margins(
         _fit_on_ids(part, [encoded[i] for i in rows], targets[kept], c, tokenizer)
         for start in range(0, len(held), 256):
             chunk = held[start : start + 256].tolist()
-            ids = _padded([encoded[i] for i in chunk], _pad_id(tokenizer)).to(part.idf.device)
+            ids = _padded([encoded[i] for i in chunk], pad).to(part.idf.device)
             margins[chunk] = part(ids).cpu()
     logger.info("lexical scorer: out-of-fold margins of %d documents (%d folds)", len(texts), folds)
     return margins
 
 
-def _scorer_of(model: Any) -> LexicalLabelScorer:
+def _training_inputs(
+    model: Any, tokenizer: Any, texts: Sequence[str], label_sets: Sequence[Sequence[str]], max_length: int | None
+) -> tuple[LexicalLabelScorer, torch.Tensor, list[list[int]]]:
+    """``model``'s scorer, the ``[n, num_labels]`` targets and the texts' token ids as the model reads them
+    (``max_length``: the training truncation); a model without a scorer and bad label sets raise."""
     scorer = getattr(model, "lexical_label_scorer", None)
     if scorer is None:
         raise ValueError("This model has no lexical scorer: build its config with lexical_scorer=True.")
-    return scorer
+    targets = _label_matrix(model.config, texts, label_sets)
+    encoded = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length)["input_ids"]
+    return scorer, targets, encoded
 
 
 def _label_matrix(config: Any, texts: Sequence[str], label_sets: Sequence[Sequence[str]]) -> torch.Tensor:

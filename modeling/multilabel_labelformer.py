@@ -628,12 +628,12 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         weight, at every position before the loss. Decoding adds the fitted scorer's margins instead
         (`decoder_row_bias`).
         """
-        learned = None
+        row_bias = None  # [b, v]: the learned label-name term and the stacked margins
         if input_ids is not None or labels is not None:
-            learned = self.learned_row_bias(input_ids)  # with the feature, training without `input_ids` raises
+            row_bias = self.learned_row_bias(input_ids)  # with the feature, training without `input_ids` raises
         stacked = self.lexical_training_logits(lexical_margins)
         if stacked is not None:
-            learned = add_optional(learned, nn.functional.pad(stacked, (NUM_SPECIAL_DECODER_TOKENS, 0)))
+            row_bias = add_optional(row_bias, nn.functional.pad(stacked, (NUM_SPECIAL_DECODER_TOKENS, 0)))
         sampling = self.training and self.scheduled_sampling_probability and decoder_input_ids is None
         auxiliary = self.config.auxiliary_bce_weight and labels is not None
         needs_states = (labels is not None and (sampling or auxiliary)) or self.config.global_label_logits
@@ -641,10 +641,10 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
             encoder_outputs = self.model.encoder(input_ids, attention_mask, kwargs.get("inputs_embeds"))
         document = self.global_row_bias(encoder_outputs[0], attention_mask) if encoder_outputs is not None else None
         if labels is not None and sampling:
-            decoder_input_ids = self._scheduled_sampling_inputs(labels, encoder_outputs, attention_mask, learned)
+            decoder_input_ids = self._scheduled_sampling_inputs(labels, encoder_outputs, attention_mask, row_bias)
         if labels is not None and decoder_input_ids is None and kwargs.get("decoder_inputs_embeds") is None:
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
-        added = add_optional(learned, document)  # [b, v]: what this model adds to every position
+        added = add_optional(row_bias, document)  # [b, v]: what this model adds to every position
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -660,8 +660,8 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         if auxiliary:
             if document is None:  # the classifier is a training aid only
                 scored = self.document_label_logits(encoder_outputs[0], attention_mask)
-            else:  # it is part of the label logits: train it as they use it, with the learned name term
-                scored = add_optional(document, learned)[:, NUM_SPECIAL_DECODER_TOKENS:]
+            else:  # it is part of the label logits: train it as they use it, with the row bias
+                scored = add_optional(document, row_bias)[:, NUM_SPECIAL_DECODER_TOKENS:]
             outputs.loss = outputs.loss + self.config.auxiliary_bce_weight * label_set_bce(scored, labels)
         return outputs
 
@@ -1061,10 +1061,9 @@ class LabelformerForMultiLabelClassification(
             output_hidden_states=bool(output_hidden_states),
         )
         logits = self.classifier(self.dropout(self.pool(encoded.last_hidden_state, attention_mask)))
-        learned = self.learned_name_logits(input_ids)
-        logits = add_optional(logits, None if learned is None else learned.to(logits.dtype))
-        stacked = self.lexical_training_logits(lexical_margins)
-        logits = add_optional(logits, None if stacked is None else stacked.to(logits.dtype))
+        extra = add_optional(self.learned_name_logits(input_ids), self.lexical_training_logits(lexical_margins))
+        if extra is not None:
+            logits = logits + extra.to(logits.dtype)
         loss = None
         if labels is not None:
             loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.to(torch.float32))
