@@ -135,6 +135,17 @@ class LabelformerConfig(PretrainedConfig):
             scorers fit without the batch's documents, `out_of_fold_lexical_margins`), the head adds
             this weight times them to its label logits before the loss, so the network learns what
             the bag-of-words model misses. 0 (the default) trains without them. Needs ``lexical_scorer``.
+        set_search_rounds: Generation head: refine each decoded label set by up to this many rounds
+            of local search on the whole set's score: the generator's own log-probability of the set
+            (in the label order, then EOS) plus, per label in it, the decision-time evidence
+            (label-name bias, weighted lexical margins) and ``set_search_label_bias``. Each round
+            tries adding or dropping one label (`modeling.set_search_labelformer`). It recovers
+            labels that step-by-step decoding skips for good, e.g. "grain" once "corn" is written.
+            0 (the default) turns it off; `tune_decoding_bias` turns it on when validation prefers it.
+        set_search_candidates: How many labels (those with the most evidence plus first-step
+            log-probability) set search tries adding to each set per round.
+        set_search_label_bias: What each label adds to a set's score in set search: > 0 favours
+            larger sets, < 0 smaller ones. Fit it on validation data (`tune_decoding_bias`).
     """
 
     model_type = "labelformer"
@@ -190,6 +201,9 @@ class LabelformerConfig(PretrainedConfig):
         lexical_scorer: bool = False,
         lexical_logit_weight: float = 0.0,
         lexical_training_weight: float = 0.0,
+        set_search_rounds: int = 0,
+        set_search_candidates: int = 6,
+        set_search_label_bias: float = 0.0,
         pad_token_id: int = PAD_TOKEN_ID,
         bos_token_id: int = BOS_TOKEN_ID,
         eos_token_id: int = EOS_TOKEN_ID,
@@ -239,6 +253,9 @@ class LabelformerConfig(PretrainedConfig):
         self.lexical_scorer = lexical_scorer
         self.lexical_logit_weight = lexical_logit_weight
         self.lexical_training_weight = lexical_training_weight
+        self.set_search_rounds = set_search_rounds
+        self.set_search_candidates = set_search_candidates
+        self.set_search_label_bias = set_search_label_bias
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -307,6 +324,12 @@ class LabelformerConfig(PretrainedConfig):
                     f"`{key}` is set but the model has no lexical scorer: set lexical_scorer=True "
                     f"(and fit it with fit_lexical_scorer), or set {key}=0."
                 )
+        _check_int("set_search_rounds", self.set_search_rounds, 0)
+        _check_int("set_search_candidates", self.set_search_candidates, 1)
+        if not _is_finite_number(self.set_search_label_bias):
+            raise ValueError(
+                f"`set_search_label_bias` must be a finite number (0 = no reward), got {self.set_search_label_bias!r}."
+            )
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             raise ValueError(f"`layer_norm_eps` must be a positive number, got {self.layer_norm_eps!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:

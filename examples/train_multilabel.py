@@ -74,6 +74,7 @@ from modeling.evaluation_labelformer import (  # noqa: E402
 )
 from modeling.hub_labelformer import REUTERS_DESCRIPTION, build_model_card  # noqa: E402
 from modeling.lexical_labelformer import LEXICAL_C  # noqa: E402
+from modeling.set_search_labelformer import SET_SEARCH_ROUNDS  # noqa: E402
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
 logger = logging.getLogger("train_multilabel")
@@ -686,13 +687,14 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
             lambda m: predict_split(accelerator, m, tokenizer, data["validation"]["text"], args, 1, "tune bias"),
             data["validation"]["labels"],
             Counter(label for row in data["train"]["labels"] for label in row),
+            set_search_rounds=args.set_search_rounds,
         )
         decoding_bias = {k: v for k, v in tuned.items() if k != "grid"}
         logger.info(
-            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f, lexical %.2f "
-            "(validation micro-F1 %.4f; %.4f without)",
+            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f, lexical %.2f, set search %d rounds "
+            "(reward %.2f) (validation micro-F1 %.4f; %.4f without)",
             tuned["eos_logit_bias"], tuned["prior_weight"], tuned["label_name_bias"], tuned["lexical_logit_weight"],
-            tuned["micro_f1"], tuned["unbiased_micro_f1"],
+            tuned["set_search_rounds"], tuned["set_search_label_bias"], tuned["micro_f1"], tuned["unbiased_micro_f1"],
         )  # fmt: skip
     if "test" in data and not args.skip_test:
         references = data["test"]["labels"]
@@ -861,6 +863,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Generation head: after training, fit the EOS bias and the rare-label logit adjustment on validation.",
     )  # fmt: skip
     g.add_argument(
+        "--set_search_rounds", type=int, default=SET_SEARCH_ROUNDS,
+        help="Generation head, with --tune_decoding_bias: also try refining each decoded label set by this many "
+        "rounds of set search (add or drop one label, scored on the whole set) and keep it if validation prefers "
+        "it; 0 = never.",
+    )  # fmt: skip
+    g.add_argument(
         "--label_names", action=argparse.BooleanOptionalAction, default=True,
         help="Use the label names as evidence: a label whose name occurs in a document gets a logit bonus, fit on "
         "validation with the threshold (threshold head) or with the decoding bias (generation head).",
@@ -899,6 +907,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--lexical_stacking must be a finite number >= 0 (got {args.lexical_stacking}); 0 turns it off.")
     if args.lexical_stacking and not args.lexical_scorer:
         p.error("--lexical_stacking needs the lexical scorer (--lexical_scorer, threshold or generation head).")
+    if args.set_search_rounds < 0:
+        p.error(f"--set_search_rounds must be >= 0 (got {args.set_search_rounds}); 0 never tries set search.")
     if args.encoder_lr_scale <= 0:
         p.error(f"--encoder_lr_scale must be > 0 (got {args.encoder_lr_scale}); 1 trains all weights at one rate.")
     return args

@@ -35,10 +35,10 @@ from .multilabel_labelformer import (
     ThresholdDecisionMixin,
     _GreedyLabelDecoder,
     add_optional,
-    label_name_row_bias,
-    lexical_row_bias,
+    decoding_row_biases,
     per_model,
 )
+from .set_search_labelformer import mean_sequence_scores, search_label_sets
 
 _HEADS = (LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification)
 
@@ -180,6 +180,14 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
             member.set_lexical_logit_weight(weight)
         super().set_lexical_logit_weight(weight)
 
+    def configure_set_search(self, rounds: int, label_bias: float = 0.0) -> None:
+        """Generation heads: set the set search (rounds, per-label reward) on ``config`` and on every member."""
+        if not self.is_generation:
+            raise TypeError("configure_set_search is for ensembles of generation heads.")
+        for member in self.members:
+            member.configure_set_search(rounds, label_bias)
+        super().configure_set_search(rounds, label_bias)
+
     def label_probabilities(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Threshold heads: the members' mean sigmoid probabilities ``[b, num_labels]`` for ids ``[b, s]``."""
         if self.is_generation:
@@ -207,19 +215,22 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         batch, source_len = input_ids.shape
         decoder = _GreedyLabelDecoder(list(self.members), batch, source_len, self.config.effective_max_labels + 1,
                                       states[0].device, states[0].dtype, cuda_graph=False)  # fmt: skip
-        row_bias = self.member_row_biases(input_ids)
+        evidence, learned = decoding_row_biases(self, self.members, input_ids)
+        row_bias = [add_optional(evidence, term) for term in learned]
         tokens, scores = decoder(states, attention_mask, row_bias)
         if num_beams > 1:
             tokens, scores = self._rerank(tokens, states, attention_mask, num_beams, row_bias)
+        if self.config.set_search_rounds:
+            tokens, scores = search_label_sets(self.members, self.config, tokens, states, attention_mask, learned,
+                                               evidence)  # fmt: skip
         return self.members[0]._label_dicts(tokens, scores)
 
     def member_row_biases(self, input_ids: torch.Tensor) -> list[torch.Tensor | None]:
         """Generation heads: per member, what decoding adds to each row ``[b, v]`` for ids ``[b, s]``: the
         ensemble's label-name bias and weighted lexical margins plus the member's own learned label-name
         term (``None``: nothing)."""
-        named = self.named_for_decoding(input_ids)  # once for all: the members share labels and tokenizer
-        shared = add_optional(label_name_row_bias(self, input_ids, named), lexical_row_bias(self, input_ids))
-        return [add_optional(shared, member.learned_row_bias(input_ids, named)) for member in self.members]
+        evidence, learned = decoding_row_biases(self, self.members, input_ids)
+        return [add_optional(evidence, term) for term in learned]
 
     def sequence_scores(
         self,
@@ -243,17 +254,8 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
             ``[n]`` log-probability of each sequence up to and including its EOS, and ``[n, t]``
             the mean step probabilities.
         """
-        start = torch.full_like(sequences[:, :1], self.config.decoder_start_token_id)
-        with_start = torch.cat([start, sequences], dim=1)
-        biases = [None if b is None else b[rows] for b in per_model(row_bias, len(self.members))]
-        step_probs = sum(
-            m.label_scores(with_start, BaseModelOutput(last_hidden_state=h[rows]), attention_mask[rows], bias)
-            for m, h, bias in zip(self.members, states, biases)
-        ) / len(self.members)  # fmt: skip
-        is_end = (sequences < NUM_SPECIAL_DECODER_TOKENS).long()  # [n, t]: EOS or padding
-        scored = is_end.cumsum(1) - is_end == 0  # [n, t]: no EOS before this position
-        log_probs = torch.where(scored, step_probs.clamp(min=1e-30).log(), torch.zeros_like(step_probs))
-        return log_probs.sum(1), step_probs.masked_fill(~scored, 0.0)
+        biases = per_model(row_bias, len(self.members))
+        return mean_sequence_scores(self.members, sequences, states, attention_mask, rows, biases)
 
     def _rerank(
         self,

@@ -18,6 +18,7 @@ from .label_names_labelformer import named_labels
 from .lexical_labelformer import LEXICAL_LOGIT_WEIGHTS
 from .multilabel_labelformer import LABEL_NAME_BIASES, prior_label_bias
 from .multilabel_metrics.multilabel_metrics import compute_multilabel_metrics, per_label_scores
+from .set_search_labelformer import SET_SEARCH_LABEL_BIASES, SET_SEARCH_ROUNDS
 
 logger = logging.get_logger(__name__)
 
@@ -110,6 +111,8 @@ def tune_decoding_bias(
     metric: str = "micro_f1",
     label_name_biases: Sequence[float] | None = None,
     lexical_weights: Sequence[float] | None = None,
+    set_search_rounds: int = SET_SEARCH_ROUNDS,
+    set_search_label_biases: Sequence[float] = SET_SEARCH_LABEL_BIASES,
 ) -> dict[str, Any]:
     """Fit a generation head's decoding bias on validation data, like the threshold head's threshold.
 
@@ -123,18 +126,23 @@ def tune_decoding_bias(
     (default `LEXICAL_LOGIT_WEIGHTS`) with every EOS bias, at the best prior weight and label-name
     bias. A model trained with stacked lexical margins (``config.lexical_training_weight`` > 0) is
     searched at that weight in the first two stages (its network expects the margins), and the
-    last stage tries the other weights, 0 included. The winner stays set on ``model`` (a
-    `LabelformerForMultiLabelGeneration` or an ensemble of them), so `save_pretrained` keeps it.
+    last stage tries the other weights, 0 included. All of these decode step by step; last, with
+    ``set_search_rounds`` > 0, it tries set search (`modeling.set_search_labelformer`) at the best
+    setting so far with every per-label reward of ``set_search_label_biases``, and keeps it only if
+    it scores higher. The winner stays set on ``model`` (a `LabelformerForMultiLabelGeneration` or an
+    ensemble of them), so `save_pretrained` keeps it.
 
     Args:
         predict: decodes the validation texts with ``model`` as it is set now (greedy is enough).
         label_counts: training documents per label name (labels missing here count as 1).
         label_name_biases: label-name biases to try; ``()`` leaves ``label_name_bias`` at 0.
         lexical_weights: lexical logit weights to try; ``()`` leaves ``lexical_logit_weight`` at 0.
+        set_search_rounds: rounds of set search to try; 0 leaves it off.
+        set_search_label_biases: the per-label rewards (``set_search_label_bias``) to try with it.
 
     Returns:
-        ``{"eos_logit_bias", "prior_weight", "label_name_bias", "lexical_logit_weight", metric,
-        "unbiased_" + metric, "grid": [...]}``.
+        ``{"eos_logit_bias", "prior_weight", "label_name_bias", "lexical_logit_weight",
+        "set_search_rounds", "set_search_label_bias", metric, "unbiased_" + metric, "grid": [...]}``.
     """
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     counts = [label_counts.get(label, 0) for label in labels]
@@ -150,21 +158,25 @@ def tune_decoding_bias(
         lexical_weights = LEXICAL_LOGIT_WEIGHTS
     grid: list[dict[str, Any]] = []
 
-    def apply(eos: float, weight: float, name_bias: float, lexical_weight: float) -> None:
+    def apply(eos: float, weight: float, name_bias: float, lexical_weight: float, rounds: int, reward: float) -> None:
         model.set_decoding_bias(eos, label_biases[weight])
         if model.config.label_name_token_ids is not None:
             model.set_label_name_bias(name_bias)
         if lexical:
             model.set_lexical_logit_weight(lexical_weight)
+        model.configure_set_search(rounds, reward)
 
-    def score(eos: float, weight: float, name_bias: float, lexical_weight: float = 0.0) -> None:
-        apply(eos, weight, name_bias, lexical_weight)
+    def score(eos: float, weight: float, name_bias: float, lexical_weight: float = 0.0, rounds: int = 0,
+              reward: float = 0.0) -> None:  # fmt: skip
+        apply(eos, weight, name_bias, lexical_weight, rounds, reward)
         value = evaluate_predictions(predict(model), references, labels)[metric]
         grid.append({"eos_logit_bias": eos, "prior_weight": weight, "label_name_bias": name_bias,
-                     "lexical_logit_weight": lexical_weight, metric: value})  # fmt: skip
+                     "lexical_logit_weight": lexical_weight, "set_search_rounds": rounds,
+                     "set_search_label_bias": reward, metric: value})  # fmt: skip
         logger.info(
-            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f, lexical %.2f -> validation %s %.4f",
-            eos, weight, name_bias, lexical_weight, metric, value,
+            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f, lexical %.2f, set search %d (reward "
+            "%.2f) -> validation %s %.4f",
+            eos, weight, name_bias, lexical_weight, rounds, reward, metric, value,
         )  # fmt: skip
 
     # A network trained beside lexical margins (stacking) decides with them: the first two stages
@@ -182,8 +194,13 @@ def tune_decoding_bias(
     for lexical_weight in sorted(tried - {base}):
         for eos in eos_biases:
             score(eos, prior, names, lexical_weight)
+    if set_search_rounds:  # whole-set search from the best step-by-step setting
+        step = max(grid, key=lambda row: row[metric])
+        for reward in set_search_label_biases:
+            score(step["eos_logit_bias"], prior, names, step["lexical_logit_weight"], set_search_rounds, float(reward))
     best = max(grid, key=lambda row: row[metric])
-    apply(best["eos_logit_bias"], best["prior_weight"], best["label_name_bias"], best["lexical_logit_weight"])
+    apply(*(best[key] for key in ("eos_logit_bias", "prior_weight", "label_name_bias", "lexical_logit_weight",
+                                  "set_search_rounds", "set_search_label_bias")))  # fmt: skip
     return {**best, f"unbiased_{metric}": grid[0][metric], "grid": grid}
 
 

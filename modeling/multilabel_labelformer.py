@@ -39,6 +39,7 @@ from .modeling_labelformer import (
 )
 from .pipeline_labelformer import TASK as PIPELINE_TASK
 from .pipeline_labelformer import MultiLabelGenerationPipeline
+from .set_search_labelformer import search_label_sets
 
 logger = logging.get_logger(__name__)
 
@@ -260,6 +261,17 @@ class MultiLabelPredictionMixin:
             self.config.validate_labelformer()
         except ValueError:
             self.config.lexical_logit_weight = old
+            raise
+
+    def configure_set_search(self, rounds: int, label_bias: float = 0.0) -> None:
+        """Generation heads: set (and validate) ``config.set_search_rounds`` (0 = off) and
+        ``config.set_search_label_bias``; `save_pretrained` keeps them."""
+        old = (self.config.set_search_rounds, self.config.set_search_label_bias)
+        self.config.set_search_rounds, self.config.set_search_label_bias = rounds, label_bias
+        try:
+            self.config.validate_labelformer()
+        except ValueError:
+            self.config.set_search_rounds, self.config.set_search_label_bias = old
             raise
 
     def set_label_name_bias(self, bias: float, name_token_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
@@ -548,9 +560,14 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         """What decoding adds to each row's logits for its input ``[b, s]``: the label-name bias, the
         learned label-name term and the weighted lexical margins, over the decoder vocabulary
         ``[b, decoder_vocab_size]`` (0 at pad/bos/eos), or ``None`` when all are off."""
-        named = self.named_for_decoding(input_ids)
-        shared = add_optional(label_name_row_bias(self, input_ids, named), lexical_row_bias(self, input_ids))
-        return add_optional(shared, self.learned_row_bias(input_ids, named))
+        evidence, learned = self.decoding_row_biases(input_ids)
+        return add_optional(evidence, learned)
+
+    def decoding_row_biases(self, input_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`decoder_row_bias` in its two parts, each ``[b, v]`` or ``None``: the decision-time evidence
+        (label-name bias and weighted lexical margins) and the learned label-name term."""
+        evidence, (learned,) = decoding_row_biases(self, [self], input_ids)
+        return evidence, learned
 
     def set_decoding_bias(self, eos_logit_bias: float = 0.0, label_logit_bias: Sequence[float] | None = None) -> None:
         """Set (and validate) the decoding bias in the config; `save_pretrained` keeps it."""
@@ -755,21 +772,32 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
 
         Greedy decoding takes the fast path `greedy_labels`; beam search goes through `generate()`.
         """
-        if num_beams == 1:
+        if num_beams == 1 and not self.config.set_search_rounds:
             tokens, scores = self.greedy_labels(input_ids, attention_mask)
             return self._label_dicts(tokens, scores)
-        encoder_outputs = self.model.encoder(input_ids, attention_mask)
-        row_bias = self.decoder_row_bias(input_ids)
-        sequences = self.generate(
-            # a fresh wrapper: beam search expands the one it gets in place
-            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state),
-            attention_mask=attention_mask,
-            num_beams=num_beams,
-            do_sample=False,
-            logits_processor=None if row_bias is None else [DecodingBiasLogitsProcessor(row_bias)],
-        )
-        scores = self.label_scores(sequences, encoder_outputs, attention_mask, row_bias)
-        return self._label_dicts(sequences[:, 1:], scores)
+        states = self.model.encoder(input_ids, attention_mask).last_hidden_state
+        evidence, learned = self.decoding_row_biases(input_ids)
+        row_bias = add_optional(evidence, learned)
+        if num_beams == 1:
+            tokens, scores = self._greedy_decoder(states, self.config.effective_max_labels + 1)(
+                [states], attention_mask, row_bias
+            )
+        else:
+            sequences = self.generate(
+                # a fresh wrapper: beam search expands the one it gets in place
+                encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                attention_mask=attention_mask,
+                num_beams=num_beams,
+                do_sample=False,
+                logits_processor=None if row_bias is None else [DecodingBiasLogitsProcessor(row_bias)],
+            )
+            tokens = sequences[:, 1:]
+            scores = self.label_scores(sequences, BaseModelOutput(last_hidden_state=states), attention_mask, row_bias)
+        if self.config.set_search_rounds:
+            tokens, scores = search_label_sets(
+                [self], self.config, tokens, [states], attention_mask, [learned], evidence
+            )
+        return self._label_dicts(tokens, scores)
 
     def _label_dicts(self, tokens: torch.Tensor, scores: torch.Tensor) -> list[dict[str, float]]:
         """``[b, t]`` generated tokens and scores -> per row ``{label: score}`` up to the first EOS."""
@@ -841,6 +869,17 @@ def lexical_row_bias(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None
     if bias is None:
         return None
     return nn.functional.pad(bias, (NUM_SPECIAL_DECODER_TOKENS, 0))
+
+
+def decoding_row_biases(
+    model: Any, members: Sequence[Any], input_ids: torch.Tensor
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """What decoding adds to each row ``[b, v]`` for ids ``[b, s]``, in two parts: ``model``'s decision-time
+    evidence (label-name bias plus weighted lexical margins; ``None`` when both are off) and, per member, its
+    learned label-name term. ``model`` is one generation head (``members`` ``[model]``) or an ensemble."""
+    named = model.named_for_decoding(input_ids)  # once for all: members share labels and tokenizer
+    evidence = add_optional(label_name_row_bias(model, input_ids, named), lexical_row_bias(model, input_ids))
+    return evidence, [member.learned_row_bias(input_ids, named) for member in members]
 
 
 def lexical_scorer_of(config: LabelformerConfig) -> LexicalLabelScorer | None:

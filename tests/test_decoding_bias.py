@@ -129,12 +129,12 @@ def test_tuning_keeps_the_best_setting_and_prefers_no_bias_on_ties():
         right = m.config.eos_logit_bias == 0.5 and m.config.label_logit_bias == pytest.approx(target)
         return references if right else [[LABELS[3]], [LABELS[1]]]
 
-    tuned = tune_decoding_bias(model, predict, references, counts)
+    tuned = tune_decoding_bias(model, predict, references, counts, set_search_rounds=0)  # tests/test_set_search.py
     assert (tuned["eos_logit_bias"], tuned["prior_weight"], tuned["micro_f1"]) == (0.5, 0.2, 1.0)
     assert tuned["unbiased_micro_f1"] < 1.0 and len(tuned["grid"]) == len(EOS_BIASES) * len(PRIOR_WEIGHTS)
     assert model.config.eos_logit_bias == 0.5 and predict(model) == references  # the winner stays set
 
-    flat = tune_decoding_bias(model, lambda m: [[LABELS[0]], [LABELS[1]]], references, counts)
+    flat = tune_decoding_bias(model, lambda m: [[LABELS[0]], [LABELS[1]]], references, counts, set_search_rounds=0)
     assert (flat["eos_logit_bias"], flat["prior_weight"]) == (0.0, 0.0)
     assert model.config.eos_logit_bias == 0.0 and model.config.label_logit_bias is None
     assert set(EOS_BIASES) == {g["eos_logit_bias"] for g in flat["grid"]}

@@ -210,7 +210,7 @@ def test_tune_decoding_bias_also_tries_label_name_biases():
         right = m.config.label_name_bias == 1.0 and m.config.eos_logit_bias == -0.5
         return references if right else [[LABELS[3]], [LABELS[1]]]
 
-    tuned = tune_decoding_bias(model, predict, references, counts)
+    tuned = tune_decoding_bias(model, predict, references, counts, set_search_rounds=0)
     assert (tuned["label_name_bias"], tuned["eos_logit_bias"], tuned["micro_f1"]) == (1.0, -0.5, 1.0)
     extra = (len(set(LABEL_NAME_BIASES) - {0.0})) * len(EOS_BIASES)
     assert len(tuned["grid"]) == len(EOS_BIASES) * len(PRIOR_WEIGHTS) + extra
