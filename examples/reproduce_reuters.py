@@ -232,8 +232,8 @@ def parse_overrides(items: list[str], systems: tuple[str, ...] = SYSTEMS) -> dic
 def evaluate_ensemble(folders: list[Path], data, labels: list[str], num_beams: int, cpu: bool) -> dict[str, Any]:
     """Test (and validation) metrics of the seq2seq members decoding together (`LabelformerEnsemble`).
 
-    The ensemble's decoding bias (EOS bias and rare-label logit adjustment) is fit on validation first,
-    as each member's was on its own.
+    The ensemble's decoding bias (EOS bias, rare-label logit adjustment, label-name bias, lexical weight and
+    set search) is fit on validation first, as each member's was on its own.
     """
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     ensemble = LabelformerEnsemble.from_pretrained(folders).to(device)
