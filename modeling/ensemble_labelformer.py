@@ -205,7 +205,9 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         Generation heads: ``num_beams`` 1 decodes greedily on the averaged distributions; more beams
         pool the greedy result with every member's ``num_beams`` beam-search hypotheses and keep,
         per row, the candidate the ensemble gives the highest sequence probability (the product
-        over steps of the members' mean constrained probabilities, EOS included).
+        over steps of the members' mean constrained probabilities, EOS included). With
+        ``config.set_search_rounds`` > 0 the answer is then refined by set search on the members'
+        mean sequence probabilities (`search_label_sets`).
         """
         if num_beams < 1:
             raise ValueError(f"`num_beams` must be >= 1, got {num_beams}.")

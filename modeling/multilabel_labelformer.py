@@ -771,6 +771,8 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         """Label sets for a tokenized batch ``[b, s]``; scores are constrained step probabilities.
 
         Greedy decoding takes the fast path `greedy_labels`; beam search goes through `generate()`.
+        With ``config.set_search_rounds`` > 0 either answer is then refined by set search
+        (`search_label_sets`), and the scores are those of the refined sets.
         """
         if num_beams == 1 and not self.config.set_search_rounds:
             tokens, scores = self.greedy_labels(input_ids, attention_mask)
