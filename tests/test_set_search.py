@@ -17,19 +17,8 @@ from modeling.set_search_labelformer import (
     search_label_sets,
 )
 
-from .synthetic import LABELS, NUM_CLASSES, synthetic_batch, synthetic_config
-
-
-def tiny_model(seed: int = 0, **overrides) -> LabelformerForMultiLabelGeneration:
-    torch.manual_seed(seed)
-    return LabelformerForMultiLabelGeneration(synthetic_config(init_std=0.3, **overrides)).eval()
-
-
-def batch(seed: int = 0, rows: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, _ = synthetic_batch(rows, 12, torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[-1, -4:] = 0
-    return ids, mask
+from .synthetic import LABELS, NUM_CLASSES, synthetic_config
+from .test_decoding_bias import batch, tiny_model
 
 
 def table_score(table: dict[tuple[int, ...], float], calls: list | None = None):
