@@ -36,8 +36,8 @@ from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS,
 SET_SEARCH_ROUNDS = 3
 #: The per-label rewards ``c`` `tune_decoding_bias` tries for the set search.
 SET_SEARCH_LABEL_BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
-#: Candidate sequences scored per forward pass.
-_CHUNK = 2048
+#: Candidate sequences scored per forward pass (each copies its row's encoder states for cross-attention).
+_CHUNK = 512
 
 
 def label_order_key(config: LabelformerConfig) -> Callable[[Iterable[int]], tuple[int, ...]]:
