@@ -26,7 +26,6 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import logging
 
-from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS
 from .multilabel_labelformer import (
     DecodingBiasLogitsProcessor,
     LabelformerForMultiLabelClassification,
@@ -38,7 +37,7 @@ from .multilabel_labelformer import (
     decoding_row_biases,
     per_model,
 )
-from .set_search_labelformer import mean_sequence_scores, search_label_sets
+from .set_search_labelformer import decoded_sets, label_sequences, mean_sequence_scores, search_label_sets
 
 _HEADS = (LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification)
 
@@ -268,28 +267,19 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         row_bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Best of {ensemble greedy} + {each member's beams} per row: ``[b, t]`` tokens and step probabilities."""
-        pad, batch = self.config.pad_token_id, greedy.shape[0]
-        candidates: list[set[tuple[int, ...]]] = [set() for _ in range(batch)]
-
-        def add(row: int, tokens: list[int]) -> None:
-            end = next((i for i, t in enumerate(tokens) if t < NUM_SPECIAL_DECODER_TOKENS), len(tokens))
-            candidates[row].add((*tokens[:end], EOS_TOKEN_ID))
-
-        for row, tokens in enumerate(greedy.tolist()):
-            add(row, tokens)
+        batch = greedy.shape[0]
+        # Candidates per row as label-id tuples in the order they were written (EOS is appended when scored).
+        candidates = [{tuple(labels)} for labels in decoded_sets(greedy)]
         for member, h, bias in zip(self.members, states, per_model(row_bias, len(self.members))):
             beams = member.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=h), attention_mask=attention_mask,
                 num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
                 logits_processor=None if bias is None else [DecodingBiasLogitsProcessor(bias)],
             )  # fmt: skip
-            for i, tokens in enumerate(beams[:, 1:].tolist()):
-                add(i // num_beams, tokens)
+            for i, labels in enumerate(decoded_sets(beams[:, 1:])):
+                candidates[i // num_beams].add(tuple(labels))
         flat = [(row, c) for row in range(batch) for c in sorted(candidates[row])]
-        width = max(len(c) for _, c in flat)
-        sequences = torch.full((len(flat), width), pad, dtype=torch.long, device=greedy.device)
-        for i, (_, c) in enumerate(flat):
-            sequences[i, : len(c)] = torch.tensor(c)
+        sequences = label_sequences([c for _, c in flat], self.config.pad_token_id, greedy.device)
         rows = torch.tensor([row for row, _ in flat], device=greedy.device)
         totals, step_probs = self.sequence_scores(sequences, states, attention_mask, rows, row_bias)
         best: dict[int, int] = {}

@@ -890,6 +890,13 @@ class LabelformerModel(LabelformerPreTrainedModel):
         )
 
 
+def add_optional(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    """``first + second`` where either may be ``None`` (absent); ``None`` when both are."""
+    if first is None:
+        return second
+    return first if second is None else first + second
+
+
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
     """Teacher forcing inputs: ``[start, y_1, ..., y_{n-1}]`` from labels ``[y_1, ..., y_n]`` (``[b, t]``).
 

@@ -34,6 +34,7 @@ from .modeling_labelformer import (
     LabelformerForConditionalGeneration,
     LabelformerPreTrainedModel,
     StaticDecodingCache,
+    add_optional,
     sequence_cross_entropy,
     shift_tokens_right,
 )
@@ -846,13 +847,6 @@ def per_model(row_bias: torch.Tensor | Sequence[torch.Tensor | None] | None, cou
     if len(row_bias) != count:
         raise ValueError(f"Got {len(row_bias)} row biases for {count} models.")
     return list(row_bias)
-
-
-def add_optional(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
-    """``first + second`` where either may be ``None`` (absent); ``None`` when both are."""
-    if first is None:
-        return second
-    return first if second is None else first + second
 
 
 def label_name_row_bias(model: Any, input_ids: torch.Tensor, named: torch.Tensor | None = None) -> torch.Tensor | None:

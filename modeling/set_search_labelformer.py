@@ -31,6 +31,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
+from .modeling_labelformer import add_optional
 
 #: Rounds of set search `tune_decoding_bias` tries by default (0 leaves it off).
 SET_SEARCH_ROUNDS = 3
@@ -211,7 +212,7 @@ def search_label_sets(
         config.min_labels, config.effective_max_labels, label_order_key(config),
     )  # fmt: skip
     sequences = label_sequences(chosen, config.pad_token_id, device)
-    full = [b if evidence is None else (evidence if b is None else b + evidence) for b in network_biases]
+    full = [add_optional(evidence, bias) for bias in network_biases]
     _, step_probs = mean_sequence_scores(models, sequences, states, attention_mask,
                                          torch.arange(batch, device=device), full)  # fmt: skip
     return sequences, step_probs
