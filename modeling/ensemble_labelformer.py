@@ -37,7 +37,14 @@ from .multilabel_labelformer import (
     decoding_row_biases,
     per_model,
 )
-from .set_search_labelformer import decoded_sets, label_sequences, mean_sequence_scores, search_label_sets
+from .set_search_labelformer import (
+    decoded_sets,
+    label_order_key,
+    mean_sequence_scores,
+    order_groups,
+    search_label_sets,
+    set_scores,
+)
 
 _HEADS = (LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification)
 
@@ -201,12 +208,14 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
     ) -> list[dict[str, float]]:
         """Label sets for a tokenized batch ``[b, s]`` with averaged scores.
 
-        Generation heads: ``num_beams`` 1 decodes greedily on the averaged distributions; more beams
-        pool the greedy result with every member's ``num_beams`` beam-search hypotheses and keep,
-        per row, the candidate the ensemble gives the highest sequence probability (the product
-        over steps of the members' mean constrained probabilities, EOS included). With
-        ``config.set_search_rounds`` > 0 the answer is then refined by set search on the members'
-        mean sequence probabilities (`search_label_sets`).
+        Generation heads: members that write labels in the same order (`order_groups`) decode
+        greedily together, on their averaged step distributions. When there are several such groups
+        (e.g. frequency- and alphabetical-order members) or ``num_beams`` > 1, the candidates (each
+        group's greedy answer, with beams also every member's ``num_beams`` beam-search hypotheses)
+        are pooled and each row keeps the one with the highest ensemble score (`set_scores`: per
+        group the product over steps of its members' mean constrained probabilities, EOS included,
+        in its own order; groups averaged in log space by size). With ``config.set_search_rounds``
+        > 0 the answer is then refined by set search on the same scores (`search_label_sets`).
         """
         if num_beams < 1:
             raise ValueError(f"`num_beams` must be >= 1, got {num_beams}.")
@@ -214,13 +223,22 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
             return self.threshold_label_dicts(input_ids, attention_mask)
         states = [m.model.encoder(input_ids, attention_mask).last_hidden_state for m in self.members]
         batch, source_len = input_ids.shape
-        decoder = _GreedyLabelDecoder(list(self.members), batch, source_len, self.config.effective_max_labels + 1,
-                                      states[0].device, states[0].dtype, cuda_graph=False)  # fmt: skip
         evidence, learned = decoding_row_biases(self, self.members, input_ids)
         row_bias = [add_optional(evidence, term) for term in learned]
-        tokens, scores = decoder(states, attention_mask, row_bias)
+        groups = order_groups(self.members)
+        canonical = label_order_key(self.config)  # member 0's writing order
+        candidates: list[set[tuple[int, ...]]] = [set() for _ in range(batch)]
+        for k, group in enumerate(groups):
+            decoder = _GreedyLabelDecoder([self.members[i] for i in group], batch, source_len,
+                                          self.config.effective_max_labels + 1, states[0].device, states[0].dtype,
+                                          cuda_graph=False)  # fmt: skip
+            tokens, scores = decoder([states[i] for i in group], attention_mask, [row_bias[i] for i in group])
+            for row, labels in enumerate(decoded_sets(tokens)):  # member 0's group: as written
+                candidates[row].add(tuple(labels) if k == 0 else canonical(labels))
         if num_beams > 1:
-            tokens, scores = self._rerank(tokens, states, attention_mask, num_beams, row_bias)
+            self._add_beams(candidates, states, attention_mask, num_beams, row_bias)
+        if len(groups) > 1 or num_beams > 1:
+            tokens, scores = self._best_candidates(candidates, states, attention_mask, row_bias)
         if self.config.set_search_rounds:
             tokens, scores = search_label_sets(self.members, self.config, tokens, states, attention_mask, learned,
                                                evidence)  # fmt: skip
@@ -258,36 +276,44 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         biases = per_model(row_bias, len(self.members))
         return mean_sequence_scores(self.members, sequences, states, attention_mask, rows, biases)
 
-    def _rerank(
+    def _add_beams(
         self,
-        greedy: torch.Tensor,
+        candidates: list[set[tuple[int, ...]]],
         states: Sequence[torch.Tensor],
         attention_mask: torch.Tensor,
         num_beams: int,
-        row_bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best of {ensemble greedy} + {each member's beams} per row: ``[b, t]`` tokens and step probabilities."""
-        batch = greedy.shape[0]
-        # Candidates per row as label-id tuples in the order they were written (EOS is appended when scored).
-        candidates = [{tuple(labels)} for labels in decoded_sets(greedy)]
-        for member, h, bias in zip(self.members, states, per_model(row_bias, len(self.members))):
+        row_bias: Sequence[torch.Tensor | None],
+    ) -> None:
+        """Add every member's ``num_beams`` beam-search hypotheses to ``candidates`` as label-id tuples: as
+        written for members that write like member 0, re-ordered into member 0's order for the others."""
+        canonical, own = label_order_key(self.config), order_groups(self.members)[0]
+        for j, (member, h, bias) in enumerate(zip(self.members, states, row_bias, strict=True)):
             beams = member.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=h), attention_mask=attention_mask,
                 num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
                 logits_processor=None if bias is None else [DecodingBiasLogitsProcessor(bias)],
             )  # fmt: skip
             for i, labels in enumerate(decoded_sets(beams[:, 1:])):
-                candidates[i // num_beams].add(tuple(labels))
-        flat = [(row, c) for row in range(batch) for c in sorted(candidates[row])]
-        sequences = label_sequences([c for _, c in flat], self.config.pad_token_id, greedy.device)
-        rows = torch.tensor([row for row, _ in flat], device=greedy.device)
-        totals, step_probs = self.sequence_scores(sequences, states, attention_mask, rows, row_bias)
+                candidates[i // num_beams].add(tuple(labels) if j in own else canonical(labels))
+
+    def _best_candidates(
+        self,
+        candidates: list[set[tuple[int, ...]]],
+        states: Sequence[torch.Tensor],
+        attention_mask: torch.Tensor,
+        row_bias: Sequence[torch.Tensor | None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row the candidate set with the highest `set_scores`: ``[b, t]`` tokens and step probabilities."""
+        flat = [(row, c) for row, pool in enumerate(candidates) for c in sorted(pool)]
+        rows = torch.tensor([row for row, _ in flat], device=attention_mask.device)
+        totals, sequences, step_probs = set_scores(self.members, [c for _, c in flat], states, attention_mask, rows,
+                                                   row_bias)  # fmt: skip
         best: dict[int, int] = {}
         for i, (row, _) in enumerate(flat):
             if row not in best or totals[i] > totals[best[row]]:
                 best[row] = i
-        best = [best[row] for row in range(batch)]
-        return sequences[best], step_probs[best]
+        chosen = [best[row] for row in range(len(candidates))]
+        return sequences[chosen], step_probs[chosen]
 
 
 __all__ = ["LabelformerEnsemble"]

@@ -41,13 +41,36 @@ SET_SEARCH_LABEL_BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 _CHUNK = 512
 
 
+def order_kind(config: LabelformerConfig) -> str:
+    """``"alphabetical"`` for heads that write labels by name, else ``"id"`` (``frequency`` writes by id;
+    ``random`` was trained on every order, so any fixed one will do)."""
+    return "alphabetical" if config.label_order == "alphabetical" else "id"
+
+
 def label_order_key(config: LabelformerConfig) -> Callable[[Iterable[int]], tuple[int, ...]]:
-    """Label ids -> a tuple in the order the head writes them: by name for ``alphabetical``, else by id
-    (``frequency``; ``random`` was trained on every order, so any fixed one will do)."""
-    if config.label_order == "alphabetical":
+    """Label ids -> a tuple in the order the head writes them (`order_kind`: by name or by id)."""
+    if order_kind(config) == "alphabetical":
         names = config.id2label
         return lambda ids: tuple(sorted(ids, key=lambda i: names[i]))
     return lambda ids: tuple(sorted(ids))
+
+
+def order_groups(models: Sequence[Any]) -> list[list[int]]:
+    """Indices of ``models`` grouped by the order they write labels in (`order_kind`); member 0's group first.
+
+    Members of one group decode step by step together; members of different groups only meet where
+    whole label sets are scored (`set_scores`).
+    """
+    groups: dict[str, list[int]] = {}
+    for i, model in enumerate(models):
+        groups.setdefault(order_kind(model.config), []).append(i)
+    return list(groups.values())
+
+
+def _written(sequences: torch.Tensor) -> torch.Tensor:
+    """``[n, t]`` label tokens, EOS, padding -> ``[n, t]`` True up to and including the first EOS."""
+    is_end = (sequences < NUM_SPECIAL_DECODER_TOKENS).long()  # EOS or padding
+    return is_end.cumsum(1) - is_end == 0
 
 
 def mean_sequence_scores(
@@ -83,8 +106,7 @@ def mean_sequence_scores(
         )  # fmt: skip
         for model, h, bias in zip(models, states, row_biases, strict=True)
     ) / len(models)
-    is_end = (sequences < NUM_SPECIAL_DECODER_TOKENS).long()  # [n, t]: EOS or padding
-    scored = is_end.cumsum(1) - is_end == 0  # [n, t]: no EOS before this position
+    scored = _written(sequences)  # [n, t]: no EOS before this position
     log_probs = torch.where(scored, step_probs.clamp(min=1e-30).log(), torch.zeros_like(step_probs))
     return log_probs.sum(1), step_probs.masked_fill(~scored, 0.0)
 
@@ -96,6 +118,57 @@ def label_sequences(sets: Sequence[Sequence[int]], pad_token_id: int, device: to
         tokens[i, : len(labels) + 1] = torch.tensor([label + NUM_SPECIAL_DECODER_TOKENS for label in labels]
                                                     + [EOS_TOKEN_ID])  # fmt: skip
     return tokens.to(device)
+
+
+def set_scores(
+    models: Sequence[Any],
+    sets: Sequence[Sequence[int]],
+    states: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    row_biases: Sequence[torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score label sets with generation heads that share one label vocabulary but may write in other orders.
+
+    Each group of `order_groups` scores a set written in its own label order (`mean_sequence_scores`:
+    the product of its members' mean step probabilities; member 0's group takes the sets as given,
+    the others re-order them into theirs); the score is the groups' log-probabilities
+    averaged with weights proportional to their sizes (a product of experts across orders, which is
+    `mean_sequence_scores` itself when all members write alike).
+
+    Args:
+        models: `LabelformerForMultiLabelGeneration` heads (one, or an ensemble's members).
+        sets: ``n`` label-id sets, in member 0's writing order (`label_order_key`).
+        states: each model's encoder output ``[b, s, d]``.
+        attention_mask: ``[b, s]``.
+        rows: ``[n]`` the batch row each set belongs to.
+        row_biases: per model, ``[b, v]`` added at every step (``None``: nothing).
+
+    Returns:
+        ``[n]`` the scores; ``[n, t]`` the sets as tokens (labels as given, EOS, padding);
+        ``[n, t]`` per token, the groups' step probabilities of that token combined the same way (0 after EOS).
+    """
+    pad, device = models[0].config.pad_token_id, attention_mask.device
+    total, written = 0.0, []
+    for k, group in enumerate(order_groups(models)):
+        order = label_order_key(models[group[0]].config)
+        sequences = label_sequences(sets if k == 0 else [order(s) for s in sets], pad, device)
+        log_prob, step_probs = mean_sequence_scores(
+            [models[i] for i in group], sequences, [states[i] for i in group], attention_mask, rows,
+            [row_biases[i] for i in group],
+        )  # fmt: skip
+        share = len(group) / len(models)
+        total = total + share * log_prob
+        written.append((sequences, step_probs, share))
+    tokens, step_probs, _ = written[0]
+    if len(written) == 1:
+        return total, tokens, step_probs
+    combined = torch.zeros_like(step_probs)
+    for sequences, probs, share in written:  # each token's log step probability, moved to member 0's positions
+        logs = torch.where(_written(sequences), probs.clamp(min=1e-30).log(), torch.zeros_like(probs))
+        by_token = torch.zeros(len(sets), models[0].config.decoder_vocab_size, device=device, dtype=logs.dtype)
+        combined += share * by_token.scatter_add_(1, sequences, logs).gather(1, tokens)
+    return total, tokens, combined.exp().masked_fill(~_written(tokens), 0.0)
 
 
 def decoded_sets(tokens: torch.Tensor) -> list[list[int]]:
@@ -202,19 +275,19 @@ def search_label_sets(
     def score(sets: list[tuple[int, ...]], rows: list[int]) -> list[float]:
         values = []
         for at in range(0, len(sets), _CHUNK):
-            part = label_sequences(sets[at : at + _CHUNK], config.pad_token_id, device)
             where = torch.tensor(rows[at : at + _CHUNK], device=device)
-            values += mean_sequence_scores(models, part, states, attention_mask, where, network_biases)[0].tolist()
+            values += set_scores(models, sets[at : at + _CHUNK], states, attention_mask, where, network_biases)[
+                0
+            ].tolist()
         return values
 
     chosen = local_search(
         decoded_sets(tokens), score, gains, ranking, config.set_search_rounds, config.set_search_candidates,
         config.min_labels, config.effective_max_labels, label_order_key(config),
     )  # fmt: skip
-    sequences = label_sequences(chosen, config.pad_token_id, device)
     full = [add_optional(evidence, bias) for bias in network_biases]
-    _, step_probs = mean_sequence_scores(models, sequences, states, attention_mask,
-                                         torch.arange(batch, device=device), full)  # fmt: skip
+    _, sequences, step_probs = set_scores(models, chosen, states, attention_mask, torch.arange(batch, device=device),
+                                          full)  # fmt: skip
     return sequences, step_probs
 
 
@@ -224,5 +297,8 @@ __all__ = [
     "label_order_key",
     "local_search",
     "mean_sequence_scores",
+    "order_groups",
+    "order_kind",
     "search_label_sets",
+    "set_scores",
 ]

@@ -11,10 +11,14 @@ from modeling import LabelformerConfig, LabelformerEnsemble, LabelformerForMulti
 from modeling.evaluation_labelformer import EOS_BIASES, PRIOR_WEIGHTS, tune_decoding_bias
 from modeling.set_search_labelformer import (
     SET_SEARCH_LABEL_BIASES,
+    decoded_sets,
     label_order_key,
+    label_sequences,
     local_search,
     mean_sequence_scores,
+    order_groups,
     search_label_sets,
+    set_scores,
 )
 
 from .synthetic import LABELS, NUM_CLASSES, synthetic_config
@@ -71,6 +75,74 @@ def test_label_order_key_follows_the_label_order():
     config.id2label = {0: "zinc", 1: "acq", 2: "grain"}
     assert label_order_key(config)([0, 1, 2]) == (1, 2, 0)
     assert label_order_key(synthetic_config())([5, 1, 3]) == (1, 3, 5)
+
+
+# Names whose alphabetical order is not the id order: alphabetical writes 3, 6, 5, 0, 1, 7, 4, 2.
+NAMES = ["grain", "sugar", "zinc", "acq", "wheat", "earn", "corn", "tin"]
+
+
+def named_tiny_model(seed: int, label_order: str = "frequency", **overrides) -> LabelformerForMultiLabelGeneration:
+    """`tiny_model` with the labels ``NAMES`` (so alphabetical and id order differ)."""
+    model = tiny_model(seed, label_order=label_order, **overrides)
+    model.config.id2label = dict(enumerate(NAMES))
+    model.config.label2id = {name: i for i, name in enumerate(NAMES)}
+    return model
+
+
+def test_order_groups_put_members_that_write_alike_together():
+    orders = ["frequency", "alphabetical", "random", "frequency", "alphabetical"]
+    models = [named_tiny_model(i, order) for i, order in enumerate(orders)]
+    assert order_groups(models) == [[0, 2, 3], [1, 4]]  # random and frequency both write by id
+    assert order_groups(models[1:]) == [[0, 3], [1, 2]]  # member 0's group comes first
+    assert label_order_key(models[1].config)(range(8)) == (3, 6, 5, 0, 1, 7, 4, 2)
+
+
+def test_set_scores_score_each_set_in_each_members_own_order():
+    models = [named_tiny_model(11), named_tiny_model(12, "alphabetical"), named_tiny_model(13)]
+    ids, mask = batch(11, rows=3)
+    sets = [(1, 2), (0, 3, 4), (5,), (2, 6)]
+    rows = torch.tensor([0, 1, 2, 2])
+    biases = [None, torch.randn(3, models[0].config.decoder_vocab_size), None]
+    with torch.no_grad():
+        states = [m.model.encoder(ids, mask).last_hidden_state for m in models]
+        total, tokens, probs = set_scores(models, sets, states, mask, rows, biases)
+        by_id = label_sequences(sets, 0, ids.device)
+        by_name = label_sequences([label_order_key(models[1].config)(s) for s in sets], 0, ids.device)
+        frequency, _ = mean_sequence_scores([models[0], models[2]], by_id, [states[0], states[2]], mask, rows,
+                                            [None, None])  # fmt: skip
+        alphabetical, _ = mean_sequence_scores(models[1:2], by_name, states[1:2], mask, rows, biases[1:2])
+        torch.testing.assert_close(total, 2 / 3 * frequency + 1 / 3 * alphabetical)
+        assert torch.equal(tokens, by_id)  # written in member 0's order
+        # Per token the groups' step probabilities combine like the totals: their product is exp(total).
+        written = probs > 0
+        assert written.sum(1).tolist() == [len(s) + 1 for s in sets]
+        torch.testing.assert_close(torch.where(written, probs.log(), torch.zeros_like(probs)).sum(1), total)
+        # One order: exactly the members' mean sequence scores.
+        alone, _, alone_probs = set_scores(models[:1], sets, states[:1], mask, rows, biases[:1])
+        expected, expected_probs = mean_sequence_scores(models[:1], by_id, states[:1], mask, rows, biases[:1])
+        assert torch.equal(alone, expected) and torch.equal(alone_probs, expected_probs)
+
+
+def test_a_mixed_order_ensemble_keeps_the_better_groups_answer_and_searches_sets():
+    frequency, alphabetical = named_tiny_model(14, max_labels=3), named_tiny_model(15, "alphabetical", max_labels=3)
+    ensemble = LabelformerEnsemble([frequency, alphabetical])
+    ids, mask = batch(14)
+    rows = torch.arange(len(ids))
+    with torch.no_grad():
+        states = [m.model.encoder(ids, mask).last_hidden_state for m in ensemble.members]
+        answers = [decoded_sets(m.greedy_labels(ids, mask)[0]) for m in ensemble.members]
+        by_id = label_order_key(frequency.config)
+        scores = [set_scores(ensemble.members, [by_id(s) for s in sets], states, mask, rows, [None, None])[0]
+                  for sets in answers]  # fmt: skip
+        predicted = ensemble.predict_batch(ids, mask)
+        for row, labels in enumerate(predicted):
+            better = 0 if scores[0][row] >= scores[1][row] else 1
+            assert [frequency.config.label2id[name] for name in labels] == sorted(answers[better][row])
+        assert any(sorted(a) != sorted(b) for a, b in zip(*answers)), "the two orders never disagreed"
+        ensemble.configure_set_search(rounds=3, label_bias=40.0)
+        assert [len(p) for p in ensemble.predict_batch(ids, mask)] == [3] * len(ids)
+        ensemble.configure_set_search(rounds=3, label_bias=-40.0)
+        assert [len(p) for p in ensemble.predict_batch(ids, mask, num_beams=2)] == [1] * len(ids)
 
 
 def set_score(model, ids, mask, row: int, labels: tuple[int, ...], gains: torch.Tensor) -> float:
