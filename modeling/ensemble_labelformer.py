@@ -5,6 +5,8 @@ predict as one:
 
 - label-sequence generation heads decode greedily together: at every step the constrained label
   distributions of the members are averaged, and the label-set rules apply to the average;
+- members may write labels in different orders (frequency or random vs alphabetical): those that
+  write alike decode together, and whole label sets are compared across orders (`set_scores`);
 - threshold heads average their sigmoid probabilities and apply one threshold (by default the
   mean of the members' tuned thresholds; `tune_threshold` re-tunes it on validation data, and
   `tune_label_name_bias` re-tunes it together with the label-name bias).
@@ -271,10 +273,14 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
 
         Returns:
             ``[n]`` log-probability of each sequence up to and including its EOS, and ``[n, t]``
-            the mean step probabilities.
+            the mean step probabilities. When members write labels in different orders, the
+            sequences' label sets are scored by `set_scores` (``t`` is then the longest set + 1).
         """
         biases = per_model(row_bias, len(self.members))
-        return mean_sequence_scores(self.members, sequences, states, attention_mask, rows, biases)
+        if len(order_groups(self.members)) == 1:
+            return mean_sequence_scores(self.members, sequences, states, attention_mask, rows, biases)
+        totals, _, step_probs = set_scores(self.members, decoded_sets(sequences), states, attention_mask, rows, biases)
+        return totals, step_probs
 
     def _add_beams(
         self,

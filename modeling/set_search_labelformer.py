@@ -19,6 +19,10 @@ log-probability, or dropping one label (within ``min_labels`` / ``max_labels``).
 set and stops after ``config.set_search_rounds`` rounds or when no change raises ``F``.
 `tune_decoding_bias` fits ``c`` on validation data (or leaves the search off).
 
+Ensembles may mix members that write labels in different orders (`order_groups`): ``log P`` is
+then each order group's log-probability of the set written in its own order, averaged by group
+size (`set_scores`), as in ensembles of classifier chains with different chain orders.
+
 This file is copied into saved model folders and must only import our own code relatively.
 """
 
@@ -276,9 +280,8 @@ def search_label_sets(
         values = []
         for at in range(0, len(sets), _CHUNK):
             where = torch.tensor(rows[at : at + _CHUNK], device=device)
-            values += set_scores(models, sets[at : at + _CHUNK], states, attention_mask, where, network_biases)[
-                0
-            ].tolist()
+            totals, _, _ = set_scores(models, sets[at : at + _CHUNK], states, attention_mask, where, network_biases)
+            values += totals.tolist()
         return values
 
     chosen = local_search(

@@ -134,6 +134,9 @@ def test_a_mixed_order_ensemble_keeps_the_better_groups_answer_and_searches_sets
         by_id = label_order_key(frequency.config)
         scores = [set_scores(ensemble.members, [by_id(s) for s in sets], states, mask, rows, [None, None])[0]
                   for sets in answers]  # fmt: skip
+        # The ensemble's sequence scores go through the same set scores when orders are mixed.
+        written = label_sequences([by_id(s) for s in answers[1]], 0, ids.device)
+        torch.testing.assert_close(ensemble.sequence_scores(written, states, mask, rows)[0], scores[1])
         predicted = ensemble.predict_batch(ids, mask)
         for row, labels in enumerate(predicted):
             better = 0 if scores[0][row] >= scores[1][row] else 1
