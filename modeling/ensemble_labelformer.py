@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,17 +228,20 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         evidence, learned = decoding_row_biases(self, self.members, input_ids)
         row_bias = [add_optional(evidence, term) for term in learned]
         groups = order_groups(self.members)
-        canonical = label_order_key(self.config)  # member 0's writing order
+        # Per member, its decoded labels as a candidate in member 0's writing order (`set_scores`): as
+        # written for member 0's group, re-ordered for the others.
+        canonical = label_order_key(self.config)
+        as_candidate = [tuple if i in groups[0] else canonical for i in range(len(self.members))]
         candidates: list[set[tuple[int, ...]]] = [set() for _ in range(batch)]
-        for k, group in enumerate(groups):
+        for group in groups:
             decoder = _GreedyLabelDecoder([self.members[i] for i in group], batch, source_len,
                                           self.config.effective_max_labels + 1, states[0].device, states[0].dtype,
                                           cuda_graph=False)  # fmt: skip
             tokens, scores = decoder([states[i] for i in group], attention_mask, [row_bias[i] for i in group])
-            for row, labels in enumerate(decoded_sets(tokens)):  # member 0's group: as written
-                candidates[row].add(tuple(labels) if k == 0 else canonical(labels))
+            for row, labels in enumerate(decoded_sets(tokens)):
+                candidates[row].add(as_candidate[group[0]](labels))
         if num_beams > 1:
-            self._add_beams(candidates, states, attention_mask, num_beams, row_bias)
+            self._add_beams(candidates, states, attention_mask, num_beams, row_bias, as_candidate)
         if len(groups) > 1 or num_beams > 1:
             tokens, scores = self._best_candidates(candidates, states, attention_mask, row_bias)
         if self.config.set_search_rounds:
@@ -289,18 +292,18 @@ class LabelformerEnsemble(ThresholdDecisionMixin, MultiLabelPredictionMixin, nn.
         attention_mask: torch.Tensor,
         num_beams: int,
         row_bias: Sequence[torch.Tensor | None],
+        as_candidate: Sequence[Callable[[list[int]], tuple[int, ...]]],
     ) -> None:
-        """Add every member's ``num_beams`` beam-search hypotheses to ``candidates`` as label-id tuples: as
-        written for members that write like member 0, re-ordered into member 0's order for the others."""
-        canonical, own = label_order_key(self.config), order_groups(self.members)[0]
-        for j, (member, h, bias) in enumerate(zip(self.members, states, row_bias, strict=True)):
+        """Add every member's ``num_beams`` beam-search hypotheses to ``candidates``, each turned into a
+        label-id tuple by that member's ``as_candidate``."""
+        for member, h, bias, convert in zip(self.members, states, row_bias, as_candidate, strict=True):
             beams = member.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=h), attention_mask=attention_mask,
                 num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
                 logits_processor=None if bias is None else [DecodingBiasLogitsProcessor(bias)],
             )  # fmt: skip
             for i, labels in enumerate(decoded_sets(beams[:, 1:])):
-                candidates[i // num_beams].add(tuple(labels) if j in own else canonical(labels))
+                candidates[i // num_beams].add(convert(labels))
 
     def _best_candidates(
         self,
