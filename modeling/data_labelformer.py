@@ -26,8 +26,38 @@ from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS,
 
 logger = logging.get_logger(__name__)
 
-#: The embedded default data set (Reuters-21578 ApteMod), shipped in the repository.
-REUTERS_DIR = Path(__file__).resolve().parent.parent / "data" / "reuters21578"
+#: The repository root: where the files outside the packages live in a checkout or an editable install.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Where a regular (non-editable) install puts them: setup.cfg's ``[options.data_files]`` installs
+#: ``hub_card.md`` and ``data/reuters21578/*`` under ``<prefix>/share/labelformer``.
+INSTALLED_SHARE = Path("share") / "labelformer"
+
+
+def shipped_path(repo_relative: str, installed_relative: str) -> Path:
+    """A file or folder shipped beside the packages, wherever this install keeps it.
+
+    ``repo_relative`` is its place under the repository root (a checkout or ``pip install -e``),
+    ``installed_relative`` its place under ``<prefix>/share/labelformer`` after ``pip install`` of a
+    wheel (``sys.prefix``, then the user base of ``pip install --user``). Returns the first that
+    exists; if none does, the repository path, so an error names where the file belongs.
+    """
+    import site
+    import sys
+
+    candidates = [REPO_ROOT / repo_relative]
+    for prefix in dict.fromkeys((sys.prefix, site.USER_BASE)):
+        if prefix:
+            candidates.append(Path(prefix) / INSTALLED_SHARE / installed_relative)
+    return next((path for path in candidates if path.exists()), candidates[0])
+
+
+def reuters_dir() -> Path:
+    """The folder of the embedded default data set (Reuters-21578 ApteMod: ``train.jsonl.gz``, ``test.jsonl.gz``)."""
+    return shipped_path("data/reuters21578", "reuters21578")
+
+
+#: The embedded default data set, as found when the package was imported (see `reuters_dir`).
+REUTERS_DIR = reuters_dir()
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
 
 
@@ -88,8 +118,15 @@ def load_multilabel_dataset(
     import datasets
 
     if dataset_name is None and train_file is None:
-        train_file = str(REUTERS_DIR / "train.jsonl.gz")
-        test_file = test_file or str(REUTERS_DIR / "test.jsonl.gz")
+        folder = reuters_dir()
+        if not (folder / "train.jsonl.gz").is_file():
+            raise FileNotFoundError(
+                f"The embedded Reuters-21578 data is not in {str(folder)!r} (nor under "
+                f"<prefix>/{INSTALLED_SHARE.as_posix()}/reuters21578). Install Labelformer from its repository "
+                "(pip install -e . or a wheel built from it), or pass train_file= / dataset_name=."
+            )
+        train_file = str(folder / "train.jsonl.gz")
+        test_file = test_file or str(folder / "test.jsonl.gz")
     if dataset_name is not None:
         raw = datasets.load_dataset(dataset_name, dataset_config_name)
     else:
@@ -343,6 +380,8 @@ class MultiLabelCollator:
 
 
 __all__ = [
+    "INSTALLED_SHARE",
+    "REPO_ROOT",
     "REUTERS_DIR",
     "LengthGroupedSampler",
     "MultiLabelCollator",
@@ -353,5 +392,7 @@ __all__ = [
     "order_label_ids",
     "order_labels",
     "report_unknown_labels",
+    "reuters_dir",
+    "shipped_path",
     "split_unknown_labels",
 ]

@@ -8,10 +8,12 @@ from typing import Any
 
 from transformers.utils import logging
 
+from .data_labelformer import shipped_path
+
 logger = logging.get_logger(__name__)
 
-#: The card template at the top of the repository.
-HUB_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_card.md"
+#: The card template: ``hub_card.md`` at the top of the repository (or its installed copy, see `shipped_path`).
+HUB_CARD_TEMPLATE = shipped_path("hub_card.md", "hub_card.md")
 
 REUTERS_DESCRIPTION = (
     "Reuters-21578, ApteMod split: 7,770 training and 3,019 test newswire documents from 1987 with "

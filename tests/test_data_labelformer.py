@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import configparser
 import gzip
 import json
 import logging
+import shutil
+import site
+import sys
+from pathlib import Path
 
 import pytest
 
-from modeling import build_label_vocabulary, load_multilabel_dataset, split_unknown_labels
-from modeling.data_labelformer import normalize_labels, report_unknown_labels
+from modeling import (
+    build_label_vocabulary,
+    data_labelformer,
+    hub_labelformer,
+    load_multilabel_dataset,
+    split_unknown_labels,
+)
+from modeling.data_labelformer import REPO_ROOT, normalize_labels, report_unknown_labels
 
 
 def write_jsonl(path, rows, compress=False):
@@ -119,3 +130,56 @@ def test_length_grouped_sampler_covers_every_row_once_with_homogeneous_batches()
     assert sampler.batches() != batches
     with pytest.raises(ValueError, match="batch_size"):
         LengthGroupedSampler(lengths, batch_size=0)
+
+
+def _install_data_files(prefix: Path) -> list[Path]:
+    """Lay out setup.cfg's ``[options.data_files]`` under ``prefix`` as ``pip install`` of a wheel does."""
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "setup.cfg")
+    installed = []
+    for destination, files in config["options.data_files"].items():
+        for name in filter(None, (line.strip() for line in files.splitlines())):
+            assert (REPO_ROOT / name).is_file(), f"setup.cfg ships {name}, which is not in the repository"
+            target = prefix / destination / Path(name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(REPO_ROOT / name, target)
+            installed.append(target)
+    return installed
+
+
+def test_a_regular_install_finds_the_shipped_data_and_card_template(tmp_path, monkeypatch):
+    """Outside a checkout, the embedded data set and the card template come from <prefix>/share/labelformer."""
+    prefix = tmp_path / "prefix"
+    installed = _install_data_files(prefix)
+    share = prefix / "share" / "labelformer"
+    assert {path.relative_to(share).as_posix() for path in installed} >= {
+        "hub_card.md",
+        "reuters21578/train.jsonl.gz",
+        "reuters21578/test.jsonl.gz",
+    }
+    # In the checkout, the repository's own files win.
+    assert data_labelformer.reuters_dir() == REPO_ROOT / "data" / "reuters21578"
+    assert hub_labelformer.HUB_CARD_TEMPLATE == REPO_ROOT / "hub_card.md"
+
+    monkeypatch.setattr(data_labelformer, "REPO_ROOT", tmp_path / "not-a-checkout")
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    monkeypatch.setattr(site, "USER_BASE", str(tmp_path / "user"))
+    assert data_labelformer.reuters_dir() == share / "reuters21578"
+    template = data_labelformer.shipped_path("hub_card.md", "hub_card.md")
+    assert template == share / "hub_card.md"
+    assert template.read_text() == (REPO_ROOT / "hub_card.md").read_text()
+    data = load_multilabel_dataset()
+    assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (6993, 777, 3019)
+
+    # A `pip install --user` puts them under the user base instead.
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(site, "USER_BASE", str(prefix))
+    assert data_labelformer.reuters_dir() == share / "reuters21578"
+
+
+def test_missing_embedded_data_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_labelformer, "REPO_ROOT", tmp_path / "not-a-checkout")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.setattr(site, "USER_BASE", str(tmp_path / "user"))
+    with pytest.raises(FileNotFoundError, match="embedded Reuters-21578 data is not in .*not-a-checkout"):
+        load_multilabel_dataset()
