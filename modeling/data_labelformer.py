@@ -215,7 +215,8 @@ def report_unknown_labels(unknown: Counter[str], split: str) -> None:
     if unknown:
         top = ", ".join(f"{label} ({n})" for label, n in unknown.most_common(10))
         logger.warning(
-            "%s: %d occurrences of %d labels unseen in training are ignored: %s",
+            "%s: %d occurrences of %d labels unseen in training cannot be predicted (the model has no token for "
+            "them): %s",
             split,
             sum(unknown.values()),
             len(unknown),

@@ -29,6 +29,16 @@ def test_worked_example_by_hand():
     assert m["jaccard"] == pytest.approx((1 / 2 + 1 + 0 + 1 / 2) / 4)
 
 
+def test_gold_labels_outside_the_model_vocabulary_count_as_misses():
+    """A label the model cannot predict (unseen in training) still costs recall, micro and macro."""
+    known = compute_multilabel_metrics([["a"], ["a"]], [["a"], ["a"]], labels=["a"])
+    unseen = compute_multilabel_metrics([["a"], ["a"]], [["a", "zzz"], ["a"]], labels=["a"])
+    assert known["micro_f1"] == 1.0
+    assert unseen["micro_f1"] == pytest.approx(2 * 2 / (2 + 3))
+    assert unseen["macro_f1"] == pytest.approx((1.0 + 0.0) / 2)
+    assert unseen["subset_accuracy"] == pytest.approx(1 / 2)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_agrees_with_scikit_learn(seed):
     sklearn = pytest.importorskip("sklearn.metrics")
