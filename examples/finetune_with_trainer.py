@@ -11,7 +11,8 @@
 #     python examples/finetune_with_trainer.py --model_name_or_path outputs/quick \
 #         --train_file new_train.jsonl --validation_file new_val.jsonl --output_dir outputs/finetuned
 #
-# The label vocabulary is the model's: labels it does not know are counted, reported and dropped.
+# The label vocabulary is the model's: labels it does not know are counted, reported and dropped from the
+# training targets; the validation metrics still count them as misses.
 ########################################################################
 """
 
@@ -20,7 +21,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from transformers import (
@@ -38,6 +41,22 @@ from modeling import compute_multilabel_metrics, load_multilabel_dataset, split_
 from modeling.data_labelformer import label_target, order_labels, report_unknown_labels  # noqa: E402
 
 logger = logging.getLogger("finetune_with_trainer")
+
+
+def metrics_against(references: Sequence[Sequence[str]], id2label: dict[int, str]) -> Callable[[Any], dict[str, float]]:
+    """The Trainer's ``compute_metrics``: generated ids ``[n, t]`` (start token first) scored against the
+    evaluation split's own label sets, in order.
+
+    Scoring against the raw label sets rather than the encoded targets keeps labels the model has no
+    token for (unseen in training) in the references, so they count as misses instead of vanishing.
+    """
+    references = [list(labels) for labels in references]
+
+    def compute_metrics(prediction: Any) -> dict[str, float]:
+        predicted = token_ids_to_labels(np.asarray(prediction.predictions)[:, 1:], id2label)
+        return compute_multilabel_metrics(predicted, references, labels=list(id2label.values()))
+
+    return compute_metrics
 
 
 def token_ids_to_labels(ids: np.ndarray, id2label: dict[int, str]) -> list[list[str]]:
@@ -134,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         logging_steps=10,
     )
 
-    def compute_metrics(prediction) -> dict[str, float]:
-        predicted = token_ids_to_labels(np.asarray(prediction.predictions)[:, 1:], config.id2label)
-        gold = token_ids_to_labels(np.asarray(prediction.label_ids), config.id2label)
-        return compute_multilabel_metrics(predicted, gold, labels=list(config.label2id))
+    compute_metrics = metrics_against(data["validation"]["labels"], config.id2label)
 
     trainer = Seq2SeqTrainer(
         model=model,

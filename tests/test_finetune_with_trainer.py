@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from modeling import (
     LabelformerConfig,
     LabelformerForMultiLabelGeneration,
@@ -58,3 +60,23 @@ def test_trainer_fine_tunes_and_checkpoints_load_with_remote_code(tmp_path, data
     )
     assert result["head"] == "LabelformerForMultiLabelGeneration" and result["base"] == "LabelformerModel"
     assert len(result["labels"]) == 2 and all(set(ls) <= set(config.label2id) for ls in result["labels"])
+
+
+def test_trainer_metrics_count_labels_the_model_cannot_predict():
+    """The script scores generated ids against the raw validation label sets: unseen labels are misses."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from examples.finetune_with_trainer import metrics_against
+
+    id2label = {0: "earn", 1: "acq"}
+    start, eos = 1, 2  # decoder ids: 0 pad, 1 start, 2 EOS, label k is k + 3
+    generated = np.array([[start, 3, eos, 0], [start, 4, 3, eos]])  # "earn"; "acq", "earn"
+    compute = metrics_against([["earn", "zinc"], ["acq", "earn"]], id2label)
+    metrics = compute(SimpleNamespace(predictions=generated, label_ids=None))
+    # 3 of 4 gold labels found, no false positive: zinc (unseen in training) is a miss.
+    assert metrics["micro_f1"] == pytest.approx(2 * 3 / (3 + 4))
+    assert metrics["subset_accuracy"] == pytest.approx(1 / 2)
+    with pytest.raises(ValueError):
+        compute(SimpleNamespace(predictions=generated[:1], label_ids=None))
