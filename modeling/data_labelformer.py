@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import random
+import site
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,9 +43,6 @@ def shipped_path(repo_relative: str, installed_relative: str) -> Path:
     wheel (``sys.prefix``, then the user base of ``pip install --user``). Returns the first that
     exists; if none does, the repository path, so an error names where the file belongs.
     """
-    import site
-    import sys
-
     candidates = [REPO_ROOT / repo_relative]
     for prefix in dict.fromkeys((sys.prefix, site.USER_BASE)):
         if prefix:
