@@ -12,12 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import gzip  # noqa: E402
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from configuration import LabelformerConfig  # noqa: E402
+from modeling.data_labelformer import REUTERS_DIR  # noqa: E402
 
 TINY = dict(
     vocab_size=40,
@@ -54,16 +54,13 @@ def random_batch(config: LabelformerConfig, batch: int = 3, src_len: int = 9, tg
     return input_ids, attention_mask, labels
 
 
-REUTERS = Path(__file__).resolve().parent.parent / "data" / "reuters21578"
-
-
 @pytest.fixture(scope="session")
 def data_files(tmp_path_factory) -> dict[str, str]:
     """Small train/test files cut from the embedded Reuters data."""
     folder = tmp_path_factory.mktemp("data")
     files = {}
     for split, n in (("train", 160), ("test", 40)):
-        with gzip.open(REUTERS / f"{split}.jsonl.gz", "rt") as f:
+        with gzip.open(REUTERS_DIR / f"{split}.jsonl.gz", "rt") as f:
             rows = [json.loads(next(f)) for _ in range(n)]
         path = folder / f"{split}.jsonl"
         path.write_text("".join(json.dumps({"body": r["text"], "topics": r["labels"]}) + "\n" for r in rows))
