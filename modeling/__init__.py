@@ -16,23 +16,11 @@ from .data_labelformer import (
     load_multilabel_dataset,
     split_unknown_labels,
 )
-from .ensemble_labelformer import LabelformerEnsemble
-from .evaluation_labelformer import tune_decoding_bias
-from .label_names_labelformer import label_name_token_ids, named_labels
-from .lexical_labelformer import LexicalLabelScorer, fit_lexical_scorer, out_of_fold_lexical_margins
-from .modeling_labelformer import (
-    LabelformerForConditionalGeneration,
-    LabelformerModel,
-    LabelformerPreTrainedModel,
-    StaticDecodingCache,
-)
-from .multilabel_labelformer import (
-    DecodingBiasLogitsProcessor,
-    LabelformerForMultiLabelClassification,
-    LabelformerForMultiLabelGeneration,
-    LabelSetLogitsProcessor,
-    prior_label_bias,
-)
+from .classification_labelformer import LabelformerForMultiLabelClassification
+from .decoding_labelformer import LabelSetLogitsProcessor, StaticDecodingCache
+from .generation_labelformer import LabelformerForMultiLabelGeneration
+from .lexical_labelformer import LexicalLabelScorer, fit_lexical_scorer
+from .modeling_labelformer import LabelformerForConditionalGeneration, LabelformerModel, LabelformerPreTrainedModel
 from .multilabel_metrics import METRIC_PATH, compute_multilabel_metrics
 from .parallel_labelformer import LabelformerForParallelLabelGeneration
 from .pipeline_labelformer import TASK as PIPELINE_TASK
@@ -62,10 +50,8 @@ LabelformerForMultiLabelClassification.register_for_auto_class("AutoModelForSequ
 
 __all__ = [
     "METRIC_PATH",
-    "DecodingBiasLogitsProcessor",
     "LabelSetLogitsProcessor",
     "LabelformerConfig",
-    "LabelformerEnsemble",
     "LabelformerForConditionalGeneration",
     "LabelformerForMultiLabelClassification",
     "LabelformerForMultiLabelGeneration",
@@ -78,14 +64,9 @@ __all__ = [
     "StaticDecodingCache",
     "build_label_vocabulary",
     "compute_multilabel_metrics",
-    "label_name_token_ids",
     "LexicalLabelScorer",
     "fit_lexical_scorer",
-    "out_of_fold_lexical_margins",
     "load_multilabel_dataset",
-    "named_labels",
-    "prior_label_bias",
     "split_unknown_labels",
     "train_tokenizer",
-    "tune_decoding_bias",
 ]

@@ -322,8 +322,6 @@ class MultiLabelCollator:
 
     Rows that carry a ``row`` index get their random order from ``(seed, epoch, row)`` alone, so
     the targets of an epoch do not depend on which batches were collated before (exact resume).
-    With ``lexical_margins`` ``[n, num_labels]`` (stacking: `out_of_fold_lexical_margins` of the
-    training rows), the batch also has ``lexical_margins`` ``[b, num_labels]``, row ``row`` of it.
     """
 
     tokenizer: Any
@@ -332,7 +330,6 @@ class MultiLabelCollator:
     head: str = "generation"
     seed: int = 0
     epoch: int = 0
-    lexical_margins: torch.Tensor | None = None
     rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
@@ -368,15 +365,7 @@ class MultiLabelCollator:
             targets = torch.full((len(rows), max(map(len, sequences))), -100, dtype=torch.long)
             for i, sequence in enumerate(sequences):
                 targets[i, : len(sequence)] = torch.tensor(sequence)
-        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": targets}
-        if self.lexical_margins is not None:
-            if any("row" not in row for row in rows):
-                raise ValueError(
-                    "`lexical_margins` are per training row: every row needs its `row` index "
-                    "(dataset.add_column('row', range(len(dataset))))."
-                )
-            out["lexical_margins"] = self.lexical_margins[[row["row"] for row in rows]]
-        return out
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": targets}
 
 
 __all__ = [

@@ -14,11 +14,8 @@ import torch
 from transformers.utils import logging
 
 from .data_labelformer import MultiLabelCollator
-from .label_names_labelformer import named_labels
-from .lexical_labelformer import LEXICAL_LOGIT_WEIGHTS
-from .multilabel_labelformer import LABEL_NAME_BIASES, prior_label_bias
+from .lexical_labelformer import LEXICAL_SCALES
 from .multilabel_metrics.multilabel_metrics import compute_multilabel_metrics, per_label_scores
-from .set_search_labelformer import SET_SEARCH_LABEL_BIASES, SET_SEARCH_ROUNDS
 
 logger = logging.get_logger(__name__)
 
@@ -63,145 +60,71 @@ def evaluate_predictions(
     return compute_multilabel_metrics(predictions, references, labels=labels)
 
 
-@torch.no_grad()
-def threshold_validation_inputs(
-    model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int | None, batch_size: int = 64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """What a threshold head (or an ensemble of them) fits its decision rule on (`tune_decision_rule`).
+def micro_f1(chosen: torch.Tensor, targets: torch.Tensor) -> float:
+    """Micro-F1 of boolean decisions ``[n, L]`` against 0/1 targets ``[n, L]``."""
+    gold = targets.bool()
+    denominator = int(chosen.sum() + gold.sum())
+    return 2 * int((chosen & gold).sum()) / denominator if denominator else 1.0
 
-    ``rows`` (``{"text", "labels"}``) are batched by the training collator. Returns the probabilities
-    ``[n, L]`` (``model.label_probabilities``), the 0/1 targets ``[n, L]``, which labels each text
-    names ``[n, L]`` when the config holds label names (else ``None``) and the lexical scorer's
-    margins ``[n, L]`` when the model has one (`lexical_margins`, else ``None``); all on the CPU.
+
+@torch.no_grad()
+def calibrate_threshold_head(
+    model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int | None, batch_size: int = 64
+) -> dict[str, float]:
+    """Fit the threshold head's decision on validation ``rows`` (``{"text", "labels"}``) and fold it in.
+
+    Tries every threshold in 0.05..0.95 with every lexical scale (`LEXICAL_SCALES`, when the model
+    has the lexical part; 0 always), keeps the best validation micro-F1 (ties: the smaller scale, the
+    threshold nearest 0.5), sets the scale and folds the threshold into the classifier's bias
+    (`fold_threshold`). Returns ``{"threshold", "lexical_scale", "validation_micro_f1"}``.
     """
     collator = MultiLabelCollator(tokenizer, model.config, max_length, head="classification")
-    names = model.config.label_name_token_ids
-    lexical = getattr(model, "lexical_label_scorer", None) is not None
-    device = model.device
-    probs, targets, named, margins = [], [], [], []
+    scorer = model.lexical_scorer
+    logits, margins, targets = [], [], []
     for start in range(0, len(rows), batch_size):
         batch = collator(list(rows[start : start + batch_size]))
-        ids = batch["input_ids"]
-        probs.append(model.label_probabilities(ids.to(device), batch["attention_mask"].to(device)).cpu())
+        ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        out = model(input_ids=ids, attention_mask=mask).logits.float()
+        lexical = scorer.margins(ids) if scorer is not None else torch.zeros_like(out)
+        if scorer is not None:
+            out = out - scorer(ids)  # the network's own logits
+        logits.append(out.cpu())
+        margins.append(lexical.cpu())
         targets.append(batch["labels"])
-        if names is not None:
-            named.append(named_labels(ids, names))
-        if lexical:
-            margins.append(model.lexical_margins(ids.to(device)).cpu())
-    return (
-        torch.cat(probs),
-        torch.cat(targets),
-        torch.cat(named) if names is not None else None,
-        torch.cat(margins) if lexical else None,
-    )
+    logits, margins, targets = torch.cat(logits), torch.cat(margins), torch.cat(targets)
+    scales = (0.0, *LEXICAL_SCALES) if scorer is not None else (0.0,)
+    thresholds = [round(0.05 * k, 2) for k in range(1, 20)]
+    best = max(
+        ((micro_f1(torch.sigmoid(logits + s * margins) > t, targets), -s, -abs(t - 0.5), s, t)
+         for s in scales for t in thresholds)
+    )  # fmt: skip
+    f1, _, _, scale, threshold = best
+    if scorer is not None:
+        scorer.scale.fill_(scale)
+    model.fold_threshold(threshold)
+    return {"threshold": threshold, "lexical_scale": scale, "validation_micro_f1": f1}
 
 
-#: The grid `tune_decoding_bias` searches by default.
-EOS_BIASES = (-1.0, -0.5, 0.0, 0.5)
-PRIOR_WEIGHTS = (0.0, 0.1, 0.2)
+@torch.no_grad()
+def calibrate_lexical_scale(
+    model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int | None, batch_size: int = 64
+) -> dict[str, float]:
+    """Choose the generation head's lexical scale on validation ``rows`` by greedy micro-F1 and set it.
 
-
-def tune_decoding_bias(
-    model: Any,
-    predict: Callable[[Any], list[list[str]]],
-    references: Sequence[Sequence[str]],
-    label_counts: Mapping[str, int],
-    eos_biases: Sequence[float] = EOS_BIASES,
-    prior_weights: Sequence[float] = PRIOR_WEIGHTS,
-    metric: str = "micro_f1",
-    label_name_biases: Sequence[float] | None = None,
-    lexical_weights: Sequence[float] | None = None,
-    set_search_rounds: int = SET_SEARCH_ROUNDS,
-    set_search_label_biases: Sequence[float] = SET_SEARCH_LABEL_BIASES,
-) -> dict[str, Any]:
-    """Fit a generation head's decoding bias on validation data, like the threshold head's threshold.
-
-    Tries every ``eos_logit_bias`` in ``eos_biases`` with every logit-adjustment weight in
-    ``prior_weights`` (label biases ``prior_label_bias(label_counts, weight)``), scores
-    ``predict(model)`` against ``references`` and keeps the best ``metric``; no bias wins ties.
-    Then, when the config holds ``label_name_token_ids``, it tries every ``label_name_bias`` of
-    ``label_name_biases`` (default `LABEL_NAME_BIASES`) with every EOS bias, at the best prior
-    weight (the EOS bias is tried again because naming labels makes longer label sets). Last, when
-    the model has a lexical scorer, it tries every ``lexical_logit_weight`` of ``lexical_weights``
-    (default `LEXICAL_LOGIT_WEIGHTS`) with every EOS bias, at the best prior weight and label-name
-    bias. A model trained with stacked lexical margins (``config.lexical_training_weight`` > 0) is
-    searched at that weight in the first two stages (its network expects the margins), and the
-    last stage tries the other weights, 0 included. All of these decode step by step; last, with
-    ``set_search_rounds`` > 0, it tries set search (`modeling.set_search_labelformer`) at the best
-    setting so far with every per-label reward of ``set_search_label_biases``, and keeps it only if
-    it scores higher. The winner stays set on ``model`` (a `LabelformerForMultiLabelGeneration` or an
-    ensemble of them), so `save_pretrained` keeps it.
-
-    Args:
-        predict: decodes the validation texts with ``model`` as it is set now (greedy is enough).
-        label_counts: training documents per label name (labels missing here count as 1).
-        label_name_biases: label-name biases to try; ``()`` leaves ``label_name_bias`` at 0.
-        lexical_weights: lexical logit weights to try; ``()`` leaves ``lexical_logit_weight`` at 0.
-        set_search_rounds: rounds of set search to try; 0 leaves it off.
-        set_search_label_biases: the per-label rewards (``set_search_label_bias``) to try with it.
-
-    Returns:
-        ``{"eos_logit_bias", "prior_weight", "label_name_bias", "lexical_logit_weight",
-        "set_search_rounds", "set_search_label_bias", metric, "unbiased_" + metric, "grid": [...]}``.
+    Scale 0 (the Transformer alone) is always tried and wins ties. Returns ``{"lexical_scale",
+    "validation_micro_f1", "transformer_validation_micro_f1"}``.
     """
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    counts = [label_counts.get(label, 0) for label in labels]
-    label_biases = {w: prior_label_bias(counts, w) if w else None for w in (0.0, *prior_weights)}
-    if model.config.label_name_token_ids is None:
-        label_name_biases = ()
-    elif label_name_biases is None:
-        label_name_biases = LABEL_NAME_BIASES
-    lexical = getattr(model, "lexical_label_scorer", None) is not None
-    if not lexical:
-        lexical_weights = ()
-    elif lexical_weights is None:
-        lexical_weights = LEXICAL_LOGIT_WEIGHTS
-    grid: list[dict[str, Any]] = []
-
-    def apply(eos: float, weight: float, name_bias: float, lexical_weight: float, rounds: int, reward: float) -> None:
-        model.set_decoding_bias(eos, label_biases[weight])
-        if model.config.label_name_token_ids is not None:
-            model.set_label_name_bias(name_bias)
-        if lexical:
-            model.set_lexical_logit_weight(lexical_weight)
-        model.configure_set_search(rounds, reward)
-
-    def score(eos: float, weight: float, name_bias: float, lexical_weight: float = 0.0, rounds: int = 0,
-              reward: float = 0.0) -> None:  # fmt: skip
-        apply(eos, weight, name_bias, lexical_weight, rounds, reward)
-        value = evaluate_predictions(predict(model), references, labels)[metric]
-        grid.append({"eos_logit_bias": eos, "prior_weight": weight, "label_name_bias": name_bias,
-                     "lexical_logit_weight": lexical_weight, "set_search_rounds": rounds,
-                     "set_search_label_bias": reward, metric: value})  # fmt: skip
-        logger.info(
-            "decoding bias: EOS %+.2f, prior weight %.2f, label names %.2f, lexical %.2f, set search %d (reward "
-            "%.2f) -> validation %s %.4f",
-            eos, weight, name_bias, lexical_weight, rounds, reward, metric, value,
-        )  # fmt: skip
-
-    # A network trained beside lexical margins (stacking) decides with them: the first two stages
-    # keep its training weight, and the last one tries the others (0 included).
-    base = float(model.config.lexical_training_weight) if lexical else 0.0
-    settings = [(0.0, 0.0)] + [(e, w) for w in prior_weights for e in eos_biases if (e, w) != (0.0, 0.0)]
-    for eos, weight in settings:
-        score(eos, weight, 0.0, base)
-    prior = max(grid, key=lambda row: row[metric])["prior_weight"]  # first best: no bias wins ties
-    for name_bias in sorted({float(b) for b in label_name_biases} - {0.0}):
-        for eos in eos_biases:
-            score(eos, prior, name_bias, base)
-    names = max(grid, key=lambda row: row[metric])["label_name_bias"]
-    tried = {0.0, *map(float, lexical_weights)} if lexical_weights else set()
-    for lexical_weight in sorted(tried - {base}):
-        for eos in eos_biases:
-            score(eos, prior, names, lexical_weight)
-    if set_search_rounds:  # whole-set search from the best step-by-step setting
-        step = max(grid, key=lambda row: row[metric])
-        for reward in set_search_label_biases:
-            score(step["eos_logit_bias"], prior, names, step["lexical_logit_weight"], set_search_rounds, float(reward))
-    best = max(grid, key=lambda row: row[metric])
-    apply(*(best[key] for key in ("eos_logit_bias", "prior_weight", "label_name_bias", "lexical_logit_weight",
-                                  "set_search_rounds", "set_search_label_bias")))  # fmt: skip
-    return {**best, f"unbiased_{metric}": grid[0][metric], "grid": grid}
+    texts = [row["text"] for row in rows]
+    references = [row["labels"] for row in rows]
+    labels = list(model.config.id2label.values())
+    results = []
+    for scale in (0.0, *LEXICAL_SCALES):
+        model.lexical_scorer.scale.fill_(scale)
+        predictions = predict_texts(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+        results.append((evaluate_predictions(predictions, references, labels)["micro_f1"], -scale))
+    f1, scale = max(results)
+    model.lexical_scorer.scale.fill_(-scale)
+    return {"lexical_scale": -scale, "validation_micro_f1": f1, "transformer_validation_micro_f1": results[0][0]}
 
 
 def per_label_table(
@@ -282,6 +205,8 @@ __all__ = [
     "per_label_table",
     "plot_training_curve",
     "predict_texts",
-    "tune_decoding_bias",
+    "calibrate_lexical_scale",
+    "calibrate_threshold_head",
+    "micro_f1",
     "write_json",
 ]

@@ -40,8 +40,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_labelformer import LabelformerConfig
-from .label_names_labelformer import LABEL_NAME_FEATURE_INIT, LabelNameEvidence
-from .lexical_labelformer import LexicalLabelScorer
+from .decoding_labelformer import StaticDecodingCache, greedy_decode
 
 logger = logging.get_logger(__name__)
 
@@ -198,13 +197,13 @@ class TokenPacking:
         return flat.view(self.batch, self.length, *states.shape[1:])
 
 
-def token_packing(config: LabelformerConfig, attention_mask: torch.Tensor | None) -> TokenPacking | None:
-    """A `TokenPacking` when ``config.unpad_encoder`` is on and the ``[b, s]`` mask has padding, else ``None``.
+def token_packing(attention_mask: torch.Tensor | None) -> TokenPacking | None:
+    """A `TokenPacking` when the ``[b, s]`` mask has padding, else ``None``.
 
     Off while compiling, tracing or capturing a CUDA graph: the number of real tokens is data
     dependent, which those need to be static.
     """
-    if not getattr(config, "unpad_encoder", True) or attention_mask is None or attention_mask.dim() != 2:
+    if attention_mask is None or attention_mask.dim() != 2:
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
@@ -507,12 +506,12 @@ class LabelformerEncoder(nn.Module):
     ) -> BaseModelOutput:
         """``[b, s]`` ids and 1/0 mask -> ``last_hidden_state`` ``[b, s, d]``.
 
-        With ``config.unpad_encoder`` and a padded batch, the layers run on the real tokens only
+        With a padded batch, the layers run on the real tokens only
         (`TokenPacking`); padding positions of the outputs are then zeros.
         """
         hidden_states = self.embeddings(input_ids, inputs_embeds)
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
-        packing = token_packing(self.config, attention_mask)
+        packing = token_packing(attention_mask)
         padded = packing.unpack if packing is not None else (lambda states: states)
         if packing is not None:
             hidden_states = packing.pack(hidden_states)  # [n, d]
@@ -628,62 +627,6 @@ class LabelformerDecoder(nn.Module):
         )
 
 
-class StaticDecodingCache:
-    """Preallocated decoder keys/values for step-by-step decoding with fixed shapes.
-
-    A drop-in for `EncoderDecoderCache` in the decoder layers (same ``update``/``layers``/``is_updated``
-    surface), used by `LabelformerDecoder.decode_step`: self-attention keys and values of step ``t``
-    are written in place into ``[b, h, max_steps, d_k]`` buffers and attention reads the first
-    ``t + 1`` slots (a view, so no mask is needed); cross-attention keys and values are projected
-    from the encoder once, in `set_encoder_states`. Buffer addresses never change, which is what
-    CUDA graph replay needs (see `LabelformerForMultiLabelGeneration.greedy_labels`).
-    """
-
-    def __init__(self, decoder: LabelformerDecoder, batch: int, source_len: int, max_steps: int,
-                 device: torch.device, dtype: torch.dtype) -> None:  # fmt: skip
-        config = decoder.config
-        heads = config.decoder_attention_heads
-        shape = (batch, heads, max_steps, config.d_model // heads)
-        cross_shape = (batch, heads, source_len, config.d_model // heads)
-        self.decoder = decoder
-        self.step = 0  # the slot the next `update` writes (set by `LabelformerDecoder.decode_step`)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder.layers]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder.layers]
-        self.cross_keys = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in decoder.layers]
-        self.cross_values = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in decoder.layers]
-        self.cross_mask = torch.ones(batch, 1, 1, source_len, device=device, dtype=torch.bool)
-        self.encoder_states = torch.zeros(batch, source_len, config.d_model, device=device, dtype=dtype)
-        # the `EncoderDecoderCache` surface read by `LabelformerAttention._keys_values`
-        self.self_attention_cache = self
-        self.cross_attention_cache = self
-        self.is_updated = {i: True for i in range(len(decoder.layers))}
-        self.layers = [_KeysValues(k, v) for k, v in zip(self.cross_keys, self.cross_values)]
-
-    @torch.no_grad()
-    def set_encoder_states(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Copy in ``[b, s, d]`` encoder states and ``[b, s]`` mask; project cross keys/values; reset the step."""
-        self.encoder_states.copy_(encoder_states)
-        self.cross_mask.copy_((attention_mask if attention_mask is not None else torch.ones_like(
-            encoder_states[..., 0])).bool()[:, None, None, :])  # fmt: skip
-        for i, layer in enumerate(self.decoder.layers):
-            attention = layer.cross_attn
-            self.cross_keys[i].copy_(attention._split_heads(attention.k_proj(encoder_states)))
-            self.cross_values[i].copy_(attention._split_heads(attention.v_proj(encoder_states)))
-        self.step = 0
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``[b, h, 1, d_k]`` at the current step; return the keys/values so far ``[b, h, t + 1, d_k]``."""
-        t = self.step
-        self.keys[layer_idx][:, :, t : t + 1].copy_(key)
-        self.values[layer_idx][:, :, t : t + 1].copy_(value)
-        return self.keys[layer_idx][:, :, : t + 1], self.values[layer_idx][:, :, : t + 1]
-
-
-class _KeysValues:
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-
-
 # ---------------------------------------------------------------------------------------------
 # Hugging Face models
 # ---------------------------------------------------------------------------------------------
@@ -719,13 +662,6 @@ class LabelformerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, LearnedPositionalEmbedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, LabelNameEvidence):
-            init.constant_(module.shared, LABEL_NAME_FEATURE_INIT)
-            init.zeros_(module.weight)
-        elif isinstance(module, LexicalLabelScorer):  # unfitted until `fit_lexical_scorer` (or a checkpoint)
-            init.zeros_(module.idf)
-            init.zeros_(module.weight)
-            init.zeros_(module.bias)
         elif isinstance(module, SinusoidalPositionalEncoding):
             # Non-persistent: never in a checkpoint, so rebuild it here after loading.
             init.copy_(module.table, module.build_table(module.table.shape[0], module.table.device))
@@ -890,13 +826,6 @@ class LabelformerModel(LabelformerPreTrainedModel):
         )
 
 
-def add_optional(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
-    """``first + second`` where either may be ``None`` (absent); ``None`` when both are."""
-    if first is None:
-        return second
-    return first if second is None else first + second
-
-
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
     """Teacher forcing inputs: ``[start, y_1, ..., y_{n-1}]`` from labels ``[y_1, ..., y_n]`` (``[b, t]``).
 
@@ -966,20 +895,38 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
         config without penalties, forced tokens or extra outputs) runs `greedy_generate`: the same
         tokens, decoded on a preallocated `StaticDecodingCache` without the generic loop's per-step
         overhead. ``model.fast_greedy_generate = False`` always takes the generic loop.
-
-        Some transformers 5.x releases size beam-search scores by ``config.get_text_config().vocab_size``
-        rather than by the logits; with a decoder vocabulary of its own (the label heads) that is the
-        encoder's size. Generation only ever scores decoder tokens, so it sees the decoder's size.
         """
         fast = self._plain_greedy_request(args, kwargs)
         if fast is not None:
             return self.greedy_generate(**fast)
-        encoder_vocab = self.config.vocab_size
-        self.config.vocab_size = self.config.decoder_vocab_size
-        try:
-            return super().generate(*args, **kwargs)
-        finally:
-            self.config.vocab_size = encoder_vocab
+        return super().generate(*args, **kwargs)
+
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """The score of each generated token: ``[n, t]`` from ``sequences`` ``[n, start + t]`` and the
+        per-step ``scores`` (``t`` tensors ``[rows, v]``) of `generate()`; 0 after a beam finished.
+
+        Same contract as `GenerationMixin.compute_transition_scores`, but sized by the scores
+        themselves: the decoder vocabulary may differ from the encoder's (``config.vocab_size``).
+        """
+        stacked = torch.stack(scores, dim=1).float()  # [rows, steps, v]
+        if normalize_logits:
+            stacked = stacked.log_softmax(-1)
+        if beam_indices is None:
+            beam_indices = torch.arange(sequences.shape[0], device=sequences.device)[:, None]
+            beam_indices = beam_indices.expand(-1, len(scores))
+        length = int((beam_indices >= 0).sum(-1).max())
+        rows = beam_indices[:, :length]
+        finished = rows < 0
+        tokens = sequences[:, sequences.shape[1] - length :]
+        steps = torch.arange(length, device=sequences.device)[None, :]
+        picked = stacked.to(sequences.device)[rows.clamp(min=0), steps, tokens]  # [n, length]
+        return picked.masked_fill(finished, 0.0)
 
     # generation-config fields the fast greedy loop implements
     _GREEDY_FIELDS = frozenset({
@@ -1042,24 +989,8 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
         eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
         pad = config.pad_token_id if config.pad_token_id is not None else eos_ids[0].item()
         encoder_states = self.model.encoder(input_ids, attention_mask).last_hidden_state
-        batch, source_len = encoder_states.shape[:2]
-        cache = StaticDecodingCache(self.model.decoder, batch, source_len, max(max_new_tokens, 1),
-                                    encoder_states.device, encoder_states.dtype)  # fmt: skip
-        cache.set_encoder_states(encoder_states, attention_mask)
-        current = torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device)
-        output = [current]
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            logits = self.lm_head(self.model.decoder.decode_step(current, cache, step)).float()  # [b, v]
-            if step < min_new_tokens:
-                logits[:, eos_ids] = float("-inf")
-            chosen = logits.argmax(-1).masked_fill(finished, pad)
-            output.append(chosen[:, None])
-            finished |= torch.isin(chosen, eos_ids)
-            if bool(finished.all()):
-                break
-            current = chosen[:, None]
-        return torch.cat(output, dim=1)
+        return greedy_decode(self, encoder_states, attention_mask, start=start, eos_ids=eos_ids, pad=pad,
+                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)  # fmt: skip
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by `DataCollatorForSeq2Seq`: labels ``[b, t]`` -> decoder inputs ``[b, t]``."""

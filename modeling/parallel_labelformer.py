@@ -5,14 +5,9 @@ but the decoder reads K learned *slot* embeddings (``config.effective_num_label_
 of previous tokens, with bidirectional self-attention and cross-attention to the encoder. Each
 slot predicts a distribution over the decoder vocabulary (labels plus pad/bos/eos).
 
-Two training losses (``config.parallel_loss``):
-
-- ``"ordered"``: slot k predicts the k-th label of the frequency-ordered target, the slot after
-  the last label predicts EOS, later slots are ignored. Decoding reads slots in order and stops
-  at the first EOS (the same label-set constraints as the autoregressive head).
-- ``"hungarian"``: slots are matched to gold labels by minimum cost (-log p) with
-  `scipy.optimize.linear_sum_assignment` (as in DETR); matched slots learn their label, the rest
-  learn EOS ("no label"). Decoding takes every slot whose best allowed token is a label.
+Training: slot k predicts the k-th label of the ordered target, the slot after the last label
+predicts EOS, later slots are ignored. Decoding (`decode_slots`) reads the slots in order under the
+label-set rules and stops at the first EOS.
 
 This file is copied into saved model folders and must only import our own code relatively.
 """
@@ -27,7 +22,8 @@ from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
 from .modeling_labelformer import LabelformerDecoder, LabelformerEncoder, LabelformerPreTrainedModel
-from .multilabel_labelformer import MultiLabelPredictionMixin, _check_label_vocabulary, label_rules
+from .decoding_labelformer import label_rules
+from .prediction_labelformer import MultiLabelPredictionMixin
 
 
 def slot_targets(labels: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -35,28 +31,6 @@ def slot_targets(labels: torch.Tensor, num_slots: int) -> torch.Tensor:
     targets = labels.new_full((labels.shape[0], num_slots), -100)
     width = min(num_slots, labels.shape[1])
     targets[:, :width] = labels[:, :width]
-    return targets
-
-
-def hungarian_targets(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Set targets ``[b, K]``: each gold label goes to the slot that predicts it best overall.
-
-    Args:
-        log_probs: ``[b, K, v]`` slot log-probabilities (detached).
-        labels: ``[b, t]`` label sequences; tokens >= 3 are the gold labels.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    batch, num_slots, _ = log_probs.shape
-    targets = labels.new_full((batch, num_slots), EOS_TOKEN_ID)
-    cost = (-log_probs).float().cpu()
-    for i in range(batch):
-        gold = [t for t in labels[i].tolist() if t >= NUM_SPECIAL_DECODER_TOKENS][:num_slots]
-        if not gold:
-            continue
-        rows, cols = linear_sum_assignment(cost[i][:, gold].numpy())  # rows: slots, cols: gold index
-        for slot, g in zip(rows.tolist(), cols.tolist()):
-            targets[i, slot] = gold[g]
     return targets
 
 
@@ -70,17 +44,11 @@ class LabelformerForParallelLabelGeneration(MultiLabelPredictionMixin, Labelform
     base_model_prefix = "encoder"
 
     def __init__(self, config: LabelformerConfig) -> None:
-        _check_label_vocabulary(config)
-        unsupported = (
-            ("label_name_feature", "generation or threshold"),
-            ("global_label_logits", "generation"),
-            ("lexical_scorer", "generation or threshold"),
-        )
-        for name, heads in unsupported:
-            if getattr(config, name):
-                raise ValueError(
-                    f"The parallel head does not support `{name}`; use the {heads} head, or set {name}=False."
-                )
+        if not config.is_label_model or config.lexical_scorer:
+            raise ValueError(
+                "The parallel head needs a config built with LabelformerConfig.from_labels(labels, ...) and "
+                "without `lexical_scorer`."
+            )
         super().__init__(config)
         self.num_slots = config.effective_num_label_slots
         embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
@@ -111,11 +79,7 @@ class LabelformerForParallelLabelGeneration(MultiLabelPredictionMixin, Labelform
         logits = self.classifier(decoded.last_hidden_state)  # [b, K, v]
         loss = None
         if labels is not None:
-            if self.config.parallel_loss == "hungarian":
-                log_probs = logits.detach().float().log_softmax(-1)
-                targets = hungarian_targets(log_probs, labels).to(logits.device)
-            else:
-                targets = slot_targets(labels, self.num_slots)
+            targets = slot_targets(labels, self.num_slots)
             loss = nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]),
                 targets.reshape(-1),
@@ -129,8 +93,7 @@ class LabelformerForParallelLabelGeneration(MultiLabelPredictionMixin, Labelform
 
         Slots are read in order; a label already chosen is never chosen again, EOS is allowed only
         after ``min_labels`` labels, and nothing but EOS after ``max_labels``. Chosen tokens after
-        the first EOS are EOS. Both losses decode this way; for ``"hungarian"`` an EOS slot does
-        not end the set, it only contributes no label.
+        the first EOS are EOS. A score is the slot's softmax probability of its token.
         """
         batch, num_slots, vocab = logits.shape
         probs = logits.float().softmax(-1)
@@ -138,14 +101,11 @@ class LabelformerForParallelLabelGeneration(MultiLabelPredictionMixin, Labelform
         used[:, :NUM_SPECIAL_DECODER_TOKENS] = True
         count = torch.zeros(batch, dtype=torch.long, device=logits.device)
         done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
-        stop_at_eos = self.config.parallel_loss == "ordered"
         max_labels = self.config.effective_max_labels
         tokens = torch.full((batch, num_slots), EOS_TOKEN_ID, dtype=torch.long, device=logits.device)
         scores = torch.zeros(batch, num_slots, device=logits.device)
         for k in range(num_slots):
             allowed = label_rules(used, count, self.config.min_labels, max_labels)
-            if not stop_at_eos:  # a Hungarian slot may always be empty (min_labels is filled in below)
-                allowed[:, EOS_TOKEN_ID] = True
             best = probs[:, k].masked_fill(~allowed, -1.0).argmax(-1)
             best = torch.where(done, torch.full_like(best, EOS_TOKEN_ID), best)
             is_label = best >= NUM_SPECIAL_DECODER_TOKENS
@@ -154,26 +114,7 @@ class LabelformerForParallelLabelGeneration(MultiLabelPredictionMixin, Labelform
             used.scatter_(1, best[:, None], True)
             used[:, :NUM_SPECIAL_DECODER_TOKENS] = True
             count += is_label.long()
-            if stop_at_eos:
-                done |= ~is_label
-        if not stop_at_eos:  # every slot may be empty: fill up to min_labels with the likeliest unused labels
-            for _ in range(self.config.min_labels):
-                short = count < self.config.min_labels
-                if not short.any():
-                    break
-                label_probs = probs[..., NUM_SPECIAL_DECODER_TOKENS:].masked_fill(
-                    used[:, None, NUM_SPECIAL_DECODER_TOKENS:], -1.0
-                )
-                label_probs = label_probs.masked_fill(
-                    tokens[..., None] >= NUM_SPECIAL_DECODER_TOKENS, -1.0
-                )  # busy slots
-                flat = label_probs.flatten(1).argmax(-1)  # best (slot, label) per row
-                slot, label = flat // label_probs.shape[-1], flat % label_probs.shape[-1] + NUM_SPECIAL_DECODER_TOKENS
-                rows = short.nonzero().squeeze(-1)
-                tokens[rows, slot[rows]] = label[rows]
-                scores[rows, slot[rows]] = probs[rows, slot[rows], label[rows]]
-                used[rows, label[rows]] = True
-                count[rows] += 1
+            done |= ~is_label
         return tokens, scores
 
     def predict_batch(
@@ -192,4 +133,4 @@ class LabelformerForParallelLabelGeneration(MultiLabelPredictionMixin, Labelform
         return results
 
 
-__all__ = ["LabelformerForParallelLabelGeneration", "hungarian_targets", "slot_targets"]
+__all__ = ["LabelformerForParallelLabelGeneration", "slot_targets"]

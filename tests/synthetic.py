@@ -49,19 +49,3 @@ def synthetic_config(**overrides) -> LabelformerConfig:
         max_position_embeddings=64,
     )
     return LabelformerConfig.from_labels(LABELS, **{**settings, **overrides})
-
-
-def check_fast_greedy_matches_generate(model, ids: torch.Tensor, mask: torch.Tensor) -> list[dict[str, float]]:
-    """Assert the generation head's fast greedy path == generate() + rescoring; return its predictions."""
-    import pytest
-
-    with torch.no_grad():
-        fast = model.predict_batch(ids, mask, num_beams=1)
-        sequences = model.generate(input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False)
-        encoded = model.model.encoder(ids, mask)
-        scores = model.label_scores(sequences, encoded, mask, model.decoder_row_bias(ids))  # None: no name bias
-        reference = model._label_dicts(sequences[:, 1:], scores)
-    assert [list(r) for r in fast] == [list(r) for r in reference]
-    for got, want in zip(fast, reference):
-        assert got == pytest.approx(want, abs=1e-5)
-    return fast

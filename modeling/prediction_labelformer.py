@@ -1,0 +1,159 @@
+"""Helpers shared by the multi-label heads: `predict_labels`, input checks, the optional lexical part.
+
+Every head implements ``predict_batch(input_ids, attention_mask, num_beams)``, which reads its
+answer off its own ``forward()`` / ``generate()``; `MultiLabelPredictionMixin.predict_labels` adds
+tokenization and batching on top, and the ``"multi-label-generation"`` pipeline calls
+``predict_batch`` too, so all three give the same labels and scores.
+
+This file is copied into saved model folders and must only import our own code relatively.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configuration_labelformer import LabelformerConfig
+from .lexical_labelformer import LexicalLabelScorer
+from .pipeline_labelformer import TASK as PIPELINE_TASK
+from .pipeline_labelformer import MultiLabelGenerationPipeline
+
+_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def check_texts(texts: str | Sequence[str], allow_empty: bool = False) -> list[str]:
+    """Validate raw texts; a single string counts as a list of one.
+
+    Raises:
+        ValueError: a text is not a string, or is empty/blank (unless ``allow_empty``); names its index.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, Sequence):
+        raise ValueError(f"`texts` must be a string or a list of strings, got {type(texts).__name__}.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"Text at index {i} is a {type(text).__name__}, not a string.")
+        if not allow_empty and not text.strip():
+            raise ValueError(f"Text at index {i} is empty; pass a non-empty document (or allow_empty=True).")
+    return list(texts)
+
+
+def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over real tokens: ``[b, s, d]`` and ``[b, s]`` 1/0 mask -> ``[b, d]``."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    mask = attention_mask.to(hidden_states.dtype)[..., None]
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def lexical_scorer_of(config: LabelformerConfig) -> LexicalLabelScorer | None:
+    """The optional hybrid part a multi-label head holds (``config.lexical_scorer``), else ``None``."""
+    return LexicalLabelScorer(config.vocab_size, config.num_labels) if config.lexical_scorer else None
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first parameter or buffer that holds NaN or infinity."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"The model's `{name}` holds NaN or infinite values: it cannot predict. Reload a good checkpoint.")
+
+
+class MultiLabelPredictionMixin:
+    """`predict_labels` and the pipeline entry for a head that implements ``predict_batch``."""
+
+    config: LabelformerConfig
+    #: The auto class the ``"multi-label-generation"`` pipeline loads this head with.
+    pipeline_auto_class = "AutoModelForSeq2SeqLM"
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """Save as usual, naming our pipeline in ``config.custom_pipelines`` (its file travels with the code)."""
+        impl = f"{MultiLabelGenerationPipeline.__module__.rsplit('.', 1)[-1]}.{MultiLabelGenerationPipeline.__name__}"
+        self.config.custom_pipelines = {PIPELINE_TASK: {"impl": impl, "pt": [self.pipeline_auto_class], "type": "text"}}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _resolve_tokenizer(self, tokenizer: Any | None) -> Any:
+        if tokenizer is not None:
+            return tokenizer
+        source = str(getattr(self, "name_or_path", "") or "")
+        with _TOKENIZERS_LOCK:
+            if source not in _TOKENIZERS:
+                from transformers import AutoTokenizer
+
+                try:  # our tokenizers are plain `PreTrainedTokenizerFast`s: no custom code to trust
+                    _TOKENIZERS[source] = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+                except Exception as error:  # no tokenizer saved beside the model, or no path at all
+                    raise ValueError(
+                        "predict_labels needs a tokenizer: pass tokenizer=..., or load the model from a folder "
+                        f"that holds its tokenizer (tried {source!r}: {error})."
+                    ) from error
+            return _TOKENIZERS[source]
+
+    @torch.inference_mode()
+    def predict_labels(
+        self,
+        texts: str | Sequence[str],
+        tokenizer: Any | None = None,
+        num_beams: int = 1,
+        batch_size: int = 32,
+        return_scores: bool = False,
+        max_length: int | None = None,
+        allow_empty: bool = False,
+    ) -> list[list[str]] | list[dict[str, float]]:
+        """Predict the label set of each raw text (the model must be in eval mode, as `from_pretrained` leaves it).
+
+        Args:
+            texts: one string or a list of strings.
+            tokenizer: the model's tokenizer; by default the one saved beside the model.
+            num_beams: beam width for the generation head (1 = greedy); ignored by the other heads.
+            batch_size: texts per forward pass (texts are sorted by length to pad little).
+            return_scores: return ``{label: probability}`` dicts instead of lists of names.
+            max_length: truncate texts to this many tokens (default: the tokenizer's limit).
+            allow_empty: accept empty texts (the model then sees only its special tokens).
+
+        Returns:
+            One entry per text, in input order: a list of label names, or with ``return_scores``
+            a dict ``{label: probability}`` in the order the labels were predicted.
+        """
+        if self.training:
+            raise ValueError("predict_labels needs the model in eval mode (dropout off): call model.eval() first.")
+        if not isinstance(num_beams, int) or num_beams < 1 or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`num_beams` and `batch_size` must be integers >= 1, got {num_beams!r} and {batch_size!r}.")
+        texts = check_texts(texts, allow_empty)
+        check_finite_weights(self)
+        tokenizer = self._resolve_tokenizer(tokenizer)
+        if len(tokenizer) > self.config.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the model's `vocab_size` is "
+                f"{self.config.vocab_size}: this tokenizer does not belong to this model."
+            )
+        if max_length is None:
+            max_length = min(tokenizer.model_max_length, 100_000)
+            if self.config.position_embedding_type == "learned":
+                max_length = min(max_length, self.config.max_position_embeddings)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        results: list[dict[str, float] | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in chunk], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            ).to(self.device)
+            for i, scored in zip(chunk, self.predict_batch(batch["input_ids"], batch["attention_mask"], num_beams)):
+                results[i] = scored
+        if return_scores:
+            return results
+        return [list(scored) for scored in results]
+
+    def predict_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
+    ) -> list[dict[str, float]]:
+        """Tokenized batch ``[b, s]`` -> per row ``{label: probability}`` in prediction order."""
+        raise NotImplementedError
+
+
+__all__ = ["MultiLabelPredictionMixin", "check_finite_weights", "check_texts", "lexical_scorer_of", "masked_mean"]

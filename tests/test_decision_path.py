@@ -1,0 +1,131 @@
+"""The model is its own answer: generate() == predict_labels == pipeline, scores == transition scores,
+the threshold head's sigmoid(logits) > 0.5 == predict_labels, and concurrent calls are safe."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from tests.synthetic import LABELS, synthetic_batch, synthetic_config
+
+from modeling import LabelformerForMultiLabelClassification, LabelformerForMultiLabelGeneration
+from modeling.lexical_labelformer import fit_lexical_scorer
+
+
+def _with_lexical(model, ids: torch.Tensor, label_sets: list[list[str]], scale: float = 2.0):
+    targets = torch.zeros(len(label_sets), len(LABELS))
+    for row, labels in enumerate(label_sets):
+        targets[row, [LABELS.index(label) for label in labels]] = 1
+    fit_lexical_scorer(model.lexical_scorer, ids.tolist(), targets, special_ids=[0, 1, 2, 3])
+    model.lexical_scorer.scale.fill_(scale)
+    return model
+
+
+@pytest.fixture(params=[False, True], ids=["transformer", "with_lexical"])
+def generator(request):
+    torch.manual_seed(0)
+    model = LabelformerForMultiLabelGeneration(synthetic_config(lexical_scorer=request.param)).eval()
+    ids, label_sets = synthetic_batch(64, 12, torch.Generator().manual_seed(1))
+    if request.param:
+        _with_lexical(model, ids, label_sets)
+    return model
+
+
+def _batch():
+    ids, _ = synthetic_batch(5, 12, torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[-1, -4:] = 0
+    ids[-1, -4:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_equals_predict_batch(generator, num_beams):
+    ids, mask = _batch()
+    with torch.no_grad():
+        sequences = generator.generate(input_ids=ids, attention_mask=mask, num_beams=num_beams)
+        predicted = generator.predict_batch(ids, mask, num_beams=num_beams)
+    assert generator.decode_labels(sequences) == [list(p) for p in predicted]
+    assert all(0 < len(p) <= len(LABELS) for p in predicted)
+
+
+def test_generic_loop_equals_fast_path(generator):
+    ids, mask = _batch()
+    with torch.no_grad():
+        fast = generator.generate(input_ids=ids, attention_mask=mask)
+        out = generator.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(fast, out.sequences)
+
+
+def test_scores_are_transition_scores(generator):
+    ids, mask = _batch()
+    with torch.no_grad():
+        out = generator.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True)
+        steps = generator.compute_transition_scores(out.sequences, out.scores).exp()
+        predicted = generator.predict_batch(ids, mask)
+    for row, scored in enumerate(predicted):
+        assert list(scored.values()) == pytest.approx(steps[row, : len(scored)].tolist(), abs=1e-5)
+
+
+def test_forward_logits_hold_the_lexical_part():
+    model = LabelformerForMultiLabelGeneration(synthetic_config(lexical_scorer=True)).eval()
+    ids, label_sets = synthetic_batch(64, 12, torch.Generator().manual_seed(1))
+    start = torch.full((4, 1), model.config.decoder_start_token_id)
+    before = model(input_ids=ids[:4], decoder_input_ids=start).logits
+    _with_lexical(model, ids, label_sets)
+    after = model(input_ids=ids[:4], decoder_input_ids=start).logits
+    added = torch.nn.functional.pad(model.lexical_scorer(ids[:4]), (3, 0))
+    torch.testing.assert_close(after[:, 0], before[:, 0] + added)
+    assert added.abs().sum() > 0
+
+
+def test_threshold_head_logits_decide():
+    torch.manual_seed(0)
+    model = LabelformerForMultiLabelClassification(synthetic_config(lexical_scorer=True)).eval()
+    ids, label_sets = synthetic_batch(64, 12, torch.Generator().manual_seed(1))
+    _with_lexical(model, ids, label_sets)
+    model.fold_threshold(0.3)
+    with torch.no_grad():
+        probs = torch.sigmoid(model(input_ids=ids).logits)
+        predicted = model.predict_batch(ids, torch.ones_like(ids))
+    for row, scored in enumerate(predicted):
+        chosen = {LABELS[i] for i in (probs[row] > 0.5).nonzero().flatten().tolist()}
+        assert set(scored) == chosen
+        assert list(scored.values()) == sorted(scored.values(), reverse=True)
+
+
+def test_concurrent_calls_are_safe(generator, tmp_path):
+    ids, mask = _batch()
+    config_before = generator.config.to_dict()
+    with torch.no_grad():
+        expected = {beams: generator.predict_batch(ids, mask, beams) for beams in (1, 3)}
+        expected_generate = generator.generate(input_ids=ids, attention_mask=mask, num_beams=3)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(10):
+                    for beams in (1, 3):
+                        assert generator.predict_batch(ids, mask, beams) == expected[beams]
+                    assert torch.equal(generator.generate(input_ids=ids, attention_mask=mask, num_beams=3),
+                                       expected_generate)  # fmt: skip
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert generator.config.to_dict() == config_before
+    generator.save_pretrained(tmp_path)
+    reloaded = LabelformerForMultiLabelGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        for beams in (1, 3):
+            again = reloaded.predict_batch(ids, mask, beams)
+            assert [list(r) for r in again] == [list(r) for r in expected[beams]]
+            for got, want in zip(again, expected[beams]):
+                assert list(got.values()) == pytest.approx(list(want.values()), abs=1e-5)
