@@ -200,7 +200,13 @@ class LabelformerConfig(PretrainedConfig):
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
         _check_choice("label_order", self.label_order, LABEL_ORDERS)
         _check_choice("classifier_pooling", self.classifier_pooling, POOLINGS)
-        for name in ("dropout", "attention_dropout", "activation_dropout", "label_smoothing", "scheduled_sampling_prob"):
+        for name in (
+            "dropout",
+            "attention_dropout",
+            "activation_dropout",
+            "label_smoothing",
+            "scheduled_sampling_prob",
+        ):
             _check_probability(name, getattr(self, name))
         for name in ("lexical_scorer", "scale_embedding", "share_embeddings"):
             if not isinstance(getattr(self, name), bool):
@@ -220,9 +226,7 @@ class LabelformerConfig(PretrainedConfig):
             if self.max_labels < self.min_labels:
                 raise ValueError(f"`max_labels` ({self.max_labels}) must be >= `min_labels` ({self.min_labels}).")
         if self.is_label_model and self.min_labels > self.num_labels:
-            raise ValueError(
-                f"`min_labels` ({self.min_labels}) must be <= the number of labels ({self.num_labels})."
-            )
+            raise ValueError(f"`min_labels` ({self.min_labels}) must be <= the number of labels ({self.num_labels}).")
         if self.num_label_slots is not None:
             _check_int("num_label_slots", self.num_label_slots, 2)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):

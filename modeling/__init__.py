@@ -9,6 +9,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from configuration import LabelformerConfig
 
+from .classification_labelformer import LabelformerForMultiLabelClassification
 from .data_labelformer import (
     LengthGroupedSampler,
     MultiLabelCollator,
@@ -16,7 +17,6 @@ from .data_labelformer import (
     load_multilabel_dataset,
     split_unknown_labels,
 )
-from .classification_labelformer import LabelformerForMultiLabelClassification
 from .decoding_labelformer import LabelSetLogitsProcessor, StaticDecodingCache
 from .generation_labelformer import LabelformerForMultiLabelGeneration
 from .lexical_labelformer import LexicalLabelScorer, fit_lexical_scorer

@@ -65,7 +65,7 @@ class LabelformerForMultiLabelClassification(MultiLabelPredictionMixin, Labelfor
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutput:
-        """``[b, s]`` ids -> ``logits`` ``[b, num_labels]`` (> 0: predicted); with ``labels`` also the mean BCE ``loss``."""
+        """``[b, s]`` ids -> ``logits`` ``[b, num_labels]`` (> 0: predicted); with ``labels`` the mean BCE ``loss``."""
         encoded = self.encoder(
             input_ids, attention_mask, inputs_embeds,
             output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),

@@ -95,8 +95,8 @@ def calibrate_threshold_head(
     scales = (0.0, *LEXICAL_SCALES) if scorer is not None else (0.0,)
     thresholds = [round(0.05 * k, 2) for k in range(1, 20)]
     best = max(
-        ((micro_f1(torch.sigmoid(logits + s * margins) > t, targets), -s, -abs(t - 0.5), s, t)
-         for s in scales for t in thresholds)
+        (micro_f1(torch.sigmoid(logits + s * margins) > t, targets), -s, -abs(t - 0.5), s, t)
+         for s in scales for t in thresholds
     )  # fmt: skip
     f1, _, _, scale, threshold = best
     if scorer is not None:

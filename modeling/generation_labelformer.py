@@ -115,7 +115,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         )
 
     def row_bias(self, encoder_outputs: Any) -> torch.Tensor | None:
-        """What ``forward()`` adds to every position's logits: ``[b, decoder_vocab_size]`` (0 at pad/bos/eos), or ``None``."""
+        """What ``forward()`` adds to every position: ``[b, decoder_vocab_size]`` (0 at pad/bos/eos), or ``None``."""
         if self.lexical_scorer is None:
             return None
         label_logits = getattr(encoder_outputs, "label_logits", None)
@@ -193,7 +193,9 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         if labels is not None and decoder_input_ids is None and kwargs.get("decoder_inputs_embeds") is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
             if self.training and self.config.scheduled_sampling_prob:
-                decoder_input_ids = self._scheduled_sampling_inputs(decoder_input_ids, labels, encoder_outputs, attention_mask)
+                decoder_input_ids = self._scheduled_sampling_inputs(
+                    decoder_input_ids, labels, encoder_outputs, attention_mask
+                )
         outputs = super().forward(
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
@@ -226,9 +228,13 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         self, decoder_input_ids: torch.Tensor, encoder_outputs: Any, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Teacher-forced ``forward()`` logits ``[b, t, v]`` (float) with the tokens the label rules forbid at -inf."""
-        logits = super().forward(
-            attention_mask=attention_mask, encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids
-        ).logits.float()
+        logits = (
+            super()
+            .forward(
+                attention_mask=attention_mask, encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids
+            )
+            .logits.float()
+        )
         bias = self.row_bias(encoder_outputs)
         if bias is not None:
             logits = logits + bias[:, None, :]

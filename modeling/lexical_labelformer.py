@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -96,7 +95,9 @@ def fit_lexical_scorer(
         from scipy import sparse
         from sklearn.svm import LinearSVC
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("Fitting the lexical scorer needs scikit-learn: pip install 'labelformer[hybrid]'.") from error
+        raise ImportError(
+            "Fitting the lexical scorer needs scikit-learn: pip install 'labelformer[hybrid]'."
+        ) from error
     if len(input_ids) != targets.shape[0] or not len(input_ids):
         raise ValueError(f"Got {len(input_ids)} documents but {targets.shape[0]} label rows; both must be > 0.")
     vocab = scorer.idf.shape[0]
@@ -132,7 +133,9 @@ def fit_lexical_scorer(
     gold = targets.bool()
     denominator = int(chosen.sum() + gold.sum())
     f1 = 2 * int((chosen & gold).sum()) / denominator if denominator else 1.0
-    logger.info("lexical scorer: %d documents, %d features, training micro-F1 %.4f", len(input_ids), int((idf > 0).sum()), f1)
+    logger.info(
+        "lexical scorer: %d documents, %d features, training micro-F1 %.4f", len(input_ids), int((idf > 0).sum()), f1
+    )
     return f1
 
 

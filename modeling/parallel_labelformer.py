@@ -21,8 +21,8 @@ from torch import nn
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
-from .modeling_labelformer import LabelformerDecoder, LabelformerEncoder, LabelformerPreTrainedModel
 from .decoding_labelformer import label_rules
+from .modeling_labelformer import LabelformerDecoder, LabelformerEncoder, LabelformerPreTrainedModel
 from .prediction_labelformer import MultiLabelPredictionMixin
 
 

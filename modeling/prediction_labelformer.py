@@ -61,7 +61,9 @@ def check_finite_weights(model: nn.Module) -> None:
     """Raise ``ValueError`` naming the first parameter or buffer that holds NaN or infinity."""
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"The model's `{name}` holds NaN or infinite values: it cannot predict. Reload a good checkpoint.")
+            raise ValueError(
+                f"The model's `{name}` holds NaN or infinite values: it cannot predict. Reload a good checkpoint."
+            )
 
 
 class MultiLabelPredictionMixin:
@@ -123,7 +125,9 @@ class MultiLabelPredictionMixin:
         if self.training:
             raise ValueError("predict_labels needs the model in eval mode (dropout off): call model.eval() first.")
         if not isinstance(num_beams, int) or num_beams < 1 or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`num_beams` and `batch_size` must be integers >= 1, got {num_beams!r} and {batch_size!r}.")
+            raise ValueError(
+                f"`num_beams` and `batch_size` must be integers >= 1, got {num_beams!r} and {batch_size!r}."
+            )
         texts = check_texts(texts, allow_empty)
         check_finite_weights(self)
         tokenizer = self._resolve_tokenizer(tokenizer)
