@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import LogitsProcessor
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from .configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS
 
@@ -118,6 +120,139 @@ def greedy_decode(
             break
         current = chosen[:, None]
     return torch.cat(output, dim=1)
+
+
+#: Generation-config fields the fast greedy loop implements (every other field must be unset or off).
+GREEDY_FIELDS = frozenset({
+    "max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache", "pad_token_id",
+    "bos_token_id", "eos_token_id", "decoder_start_token_id", "num_return_sequences", "transformers_version",
+    "_from_model_config", "early_stopping", "length_penalty",
+})  # fmt: skip
+_GREEDY_KWARGS = frozenset(
+    {"input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "use_cache"}
+)
+
+
+def plain_greedy_request(model: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The arguments of ``model.greedy_generate`` if a ``generate(*args, **kwargs)`` call is plain greedy
+    decoding (ids, mask, lengths; no penalties, forced tokens or extra outputs), else ``None``."""
+    if args or not getattr(model, "fast_greedy_generate", True):
+        return None
+    if not {"input_ids", "attention_mask"} <= kwargs.keys() or kwargs.keys() - _GREEDY_KWARGS:
+        return None
+    config = model.generation_config
+    if any(value for key, value in config.to_dict().items() if key not in GREEDY_FIELDS):
+        return None
+    if kwargs.get("num_beams", config.num_beams or 1) != 1 or kwargs.get("do_sample", config.do_sample):
+        return None
+    if not kwargs.get("use_cache", config.use_cache if config.use_cache is not None else True):
+        return None
+    if (config.num_return_sequences or 1) != 1 or model.config._attn_implementation not in ("eager", "sdpa"):
+        return None
+    max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if max_new_tokens is None:  # length defaults differ between transformers releases: let generate() decide
+        return None
+    return {
+        "input_ids": kwargs["input_ids"],
+        "attention_mask": kwargs["attention_mask"],
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": kwargs.get("min_new_tokens", config.min_new_tokens) or 0,
+    }
+
+
+# transformers 5.24 renamed generation's cache from `past_key_values` to `cache`, both as the
+# keyword `generate()` passes to `forward` and as the output field it reads back. The public
+# forwards take either keyword and return the cache under the field this version declares.
+CACHE_OUTPUT_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+
+
+def generation_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The one cache given as ``cache`` (transformers >= 5.24) or ``past_key_values`` (older)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None and cache is not past_key_values:
+        raise ValueError("Pass the generation cache once, as `cache` or as `past_key_values`, not both.")
+    return past_key_values
+
+
+def output_cache(outputs: Any) -> Cache | None:
+    """The cache a model output carries, whichever field name this transformers version uses."""
+    return getattr(outputs, CACHE_OUTPUT_FIELD, None)
+
+
+class FastGenerationMixin:
+    """`generate()` with a fast path for plain greedy decoding, and `compute_transition_scores` sized by the
+    scores (the decoder vocabulary may differ from the encoder's). Mixed into `LabelformerForConditionalGeneration`
+    before `GenerationMixin`; expects ``model.encoder``, ``lm_head`` and ``get_decoder()``.
+    """
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`, plus a fast path for plain greedy decoding.
+
+        A call that asks for nothing but greedy decoding (``input_ids``, ``attention_mask``,
+        ``max_new_tokens``, ``min_new_tokens``, ``num_beams=1``, ``do_sample=False``, and a generation
+        config without penalties, forced tokens or extra outputs) runs `greedy_generate`: the same
+        tokens, decoded on a preallocated `StaticDecodingCache` without the generic loop's per-step
+        overhead. ``model.fast_greedy_generate = False`` always takes the generic loop.
+        """
+        fast = self._plain_greedy_request(args, kwargs)
+        if fast is not None:
+            return self.greedy_generate(**fast)
+        return super().generate(*args, **kwargs)
+
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """The score of each generated token: ``[n, t]`` from ``sequences`` ``[n, start + t]`` and the
+        per-step ``scores`` (``t`` tensors ``[rows, v]``) of `generate()`; 0 after a beam finished.
+
+        Same contract as `GenerationMixin.compute_transition_scores`, but sized by the scores
+        themselves: the decoder vocabulary may differ from the encoder's (``config.vocab_size``).
+        """
+        stacked = torch.stack(scores, dim=1).float()  # [rows, steps, v]
+        if normalize_logits:
+            stacked = stacked.log_softmax(-1)
+        if beam_indices is None:
+            beam_indices = torch.arange(sequences.shape[0], device=sequences.device)[:, None]
+            beam_indices = beam_indices.expand(-1, len(scores))
+        length = int((beam_indices >= 0).sum(-1).max())
+        rows = beam_indices[:, :length]
+        finished = rows < 0
+        tokens = sequences[:, sequences.shape[1] - length :]
+        steps = torch.arange(length, device=sequences.device)[None, :]
+        picked = stacked.to(sequences.device)[rows.clamp(min=0), steps, tokens]  # [n, length]
+        return picked.masked_fill(finished, 0.0)
+
+    def _plain_greedy_request(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """The arguments of `greedy_generate` if this `generate()` call is plain greedy decoding, else None."""
+        return plain_greedy_request(self, args, kwargs)
+
+    @torch.no_grad()
+    def greedy_generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 20, min_new_tokens: int = 0
+    ) -> torch.Tensor:
+        """Greedy decoding on a `StaticDecodingCache`: ``[b, s]`` -> ``[b, 1 + t]`` (start token first).
+
+        Same result as ``generate(num_beams=1, do_sample=False)``: EOS is forbidden for the first
+        ``min_new_tokens`` steps, finished rows continue with padding, and decoding stops once every
+        row has produced EOS or after ``max_new_tokens`` steps.
+        """
+        config = self.generation_config
+        start = (
+            config.decoder_start_token_id
+            if config.decoder_start_token_id is not None
+            else self.config.decoder_start_token_id
+        )
+        eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+        pad = config.pad_token_id if config.pad_token_id is not None else eos_ids[0].item()
+        encoder_states = self.model.encoder(input_ids, attention_mask).last_hidden_state
+        return greedy_decode(self, encoder_states, attention_mask, start=start, eos_ids=eos_ids, pad=pad,
+                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,11 +425,16 @@ def greedy_label_decoder(model: Any, encoder_states: torch.Tensor, use_cuda_grap
 
 
 __all__ = [
+    "CACHE_OUTPUT_FIELD",
+    "FastGenerationMixin",
+    "generation_cache",
+    "output_cache",
     "GreedyLabelDecoder",
     "LabelSetLogitsProcessor",
     "StaticDecodingCache",
     "allowed_label_tokens",
     "greedy_decode",
     "greedy_label_decoder",
+    "plain_greedy_request",
     "label_rules",
 ]

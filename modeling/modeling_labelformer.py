@@ -1,13 +1,7 @@
 """Labelformer: the Transformer encoder-decoder of "Attention Is All You Need" (Vaswani et al., 2017).
 
-One small module per concept of the paper (section numbers refer to it):
-
-- `SinusoidalPositionalEncoding` / `LearnedPositionalEmbedding` and `LabelformerEmbeddings` (3.4, 3.5)
-- `eager_attention_forward` (3.2.1) inside `LabelformerAttention` (3.2.2), used for encoder
-  self-attention, masked decoder self-attention and encoder-decoder cross-attention
-- `LabelformerFeedForward` (3.3) and `SublayerConnection` (Add & Norm, 3.1)
-- `LabelformerEncoderLayer` / `LabelformerEncoder` and `LabelformerDecoderLayer` / `LabelformerDecoder`
-- `LabelformerModel` (bare encoder-decoder) and `LabelformerForConditionalGeneration` (LM head).
+One small module per concept of the paper (section numbers in the docstrings refer to it), then
+`LabelformerModel` (bare encoder-decoder) and `LabelformerForConditionalGeneration` (LM head).
 
 Mask convention: users pass the usual 1/0 ``attention_mask`` (1 = real token, 0 = padding) of
 shape ``[batch, length]``. Each stack converts it exactly once, at its entry, with
@@ -27,7 +21,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -40,28 +34,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_labelformer import LabelformerConfig
-from .decoding_labelformer import StaticDecodingCache, greedy_decode
+from .decoding_labelformer import (
+    CACHE_OUTPUT_FIELD,
+    FastGenerationMixin,
+    StaticDecodingCache,
+    generation_cache,
+    output_cache,
+)
+from .loading_labelformer import StrictLoadingMixin
+from .packing_labelformer import TokenPacking, packed_self_attention, token_packing
 
 logger = logging.get_logger(__name__)
-
-# transformers 5.24 renamed generation's cache from `past_key_values` to `cache`, both as the
-# keyword `generate()` passes to `forward` and as the output field it reads back. The public
-# forwards take either keyword and return the cache under the field this version declares.
-CACHE_OUTPUT_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
-
-
-def generation_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The one cache given as ``cache`` (transformers >= 5.24) or ``past_key_values`` (older)."""
-    if past_key_values is None:
-        return cache
-    if cache is not None and cache is not past_key_values:
-        raise ValueError("Pass the generation cache once, as `cache` or as `past_key_values`, not both.")
-    return past_key_values
-
-
-def output_cache(outputs: Any) -> Cache | None:
-    """The cache a model output carries, whichever field name this transformers version uses."""
-    return getattr(outputs, CACHE_OUTPUT_FIELD, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,60 +140,6 @@ class LabelformerEmbeddings(nn.Module):
         hidden_states = inputs_embeds * self.embed_scale
         hidden_states = hidden_states + self.embed_positions(hidden_states.shape[1], offset).to(hidden_states.dtype)
         return self.dropout(hidden_states)
-
-
-# ---------------------------------------------------------------------------------------------
-# Padding-free encoder: run per-token work on real tokens only
-# ---------------------------------------------------------------------------------------------
-
-
-class TokenPacking:
-    """Where the real tokens of a right- or left-padded batch are, to skip padding in per-token work.
-
-    Every encoder computation except attention itself treats tokens independently (projections,
-    feed-forward, LayerNorm, dropout, residuals), so the encoder runs them on the ``n`` real tokens
-    of a ``[b, s]`` batch packed into ``[n, d]`` and scatters back to ``[b, s, ...]`` only around
-    attention. Real positions get the same values as the padded computation (up to float rounding);
-    padding positions come out as zeros. On Reuters batches of 128 tokens about a quarter of all
-    positions are padding.
-
-    Args:
-        attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
-    """
-
-    def __init__(self, attention_mask: torch.Tensor) -> None:
-        self.batch, self.length = attention_mask.shape
-        self.index = attention_mask.reshape(-1).nonzero().squeeze(1)  # [n] into the flat b * s positions
-
-    @property
-    def num_tokens(self) -> int:
-        """``n``, the number of real tokens."""
-        return self.index.numel()
-
-    def pack(self, states: torch.Tensor) -> torch.Tensor:
-        """``[b, s, ...]`` -> ``[n, ...]`` (the real tokens, in row-major order)."""
-        return states.reshape(self.batch * self.length, *states.shape[2:]).index_select(0, self.index)
-
-    def unpack(self, states: torch.Tensor) -> torch.Tensor:
-        """``[n, ...]`` -> ``[b, s, ...]`` with zeros at padding positions (differentiable)."""
-        flat = states.new_zeros(self.batch * self.length, *states.shape[1:]).index_copy(0, self.index, states)
-        return flat.view(self.batch, self.length, *states.shape[1:])
-
-
-def token_packing(attention_mask: torch.Tensor | None) -> TokenPacking | None:
-    """A `TokenPacking` when the ``[b, s]`` mask has padding, else ``None``.
-
-    Off while compiling, tracing or capturing a CUDA graph: the number of real tokens is data
-    dependent, which those need to be static.
-    """
-    if attention_mask is None or attention_mask.dim() != 2:
-        return None
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return None
-    if attention_mask.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    packing = TokenPacking(attention_mask)
-    return packing if packing.num_tokens < attention_mask.numel() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,25 +254,13 @@ class LabelformerAttention(nn.Module):
             (``None`` for fused kernels).
         """
         if packing is not None:
-            return self._packed_self_attention(hidden_states, attention_mask, packing, **kwargs)
+            return packed_self_attention(self, hidden_states, attention_mask, packing, **kwargs)
         is_cross_attention = key_value_states is not None
         query = self._split_heads(self.q_proj(hidden_states))  # [b, h, q, d_k]
         source = key_value_states if is_cross_attention else hidden_states
         key, value = self._keys_values(source, cache, is_cross_attention)  # [b, h, k, d_k]
         output, weights = self._attend(query, key, value, attention_mask, **kwargs)  # [b, q, h, d_k]
         output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # concat heads: [b, q, d_model]
-        return self.out_proj(output), weights
-
-    def _packed_self_attention(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, packing: TokenPacking, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Self-attention of packed ``[n, d_model]`` tokens: project packed, attend padded, project packed."""
-        query, key, value = (
-            self._split_heads(packing.unpack(proj(hidden_states)))  # [b, h, s, d_k]
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        output, weights = self._attend(query, key, value, attention_mask, **kwargs)  # [b, s, h, d_k]
-        output = packing.pack(output.reshape(packing.batch, packing.length, -1))  # [n, d_model]
         return self.out_proj(output), weights
 
     def _attend(
@@ -632,7 +549,7 @@ class LabelformerDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class LabelformerPreTrainedModel(PreTrainedModel):
+class LabelformerPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     """Weight initialisation, backend support flags and weight tying shared by all heads."""
 
     config_class = LabelformerConfig
@@ -665,66 +582,6 @@ class LabelformerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SinusoidalPositionalEncoding):
             # Non-persistent: never in a checkpoint, so rebuild it here after loading.
             init.copy_(module.table, module.build_table(module.table.shape[0], module.table.device))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """`PreTrainedModel.from_pretrained`, but safe and strict.
-
-        Weights load from safetensors only (never pickle). A checkpoint that lacks weights the
-        model needs, or whose tensors do not fit its config (e.g. label maps naming more or fewer
-        labels than the head was trained with), raises ``ValueError`` instead of silently
-        initialising weights at random. Pass ``strict=False`` to allow missing weights.
-        """
-        kwargs.setdefault("use_safetensors", True)
-        strict = kwargs.pop("strict", True)
-        want_info = kwargs.pop("output_loading_info", False)
-        source = str(pretrained_model_name_or_path)
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-            )
-        except RuntimeError as error:
-            if "size mismatch" in str(error) or "mismatch" in str(error).lower():
-                raise ValueError(
-                    f"The weights in {source!r} do not fit its config: {error}. If the config's label maps "
-                    "(id2label/label2id) were edited, restore them: a head's label count is fixed by its weights."
-                ) from error
-            raise
-        problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
-        if strict and problems:
-            raise ValueError(
-                f"{source!r} is not a complete {cls.__name__} checkpoint: {problems}. "
-                "Load it with the class it was saved from, or pass strict=False to initialise these at random."
-            )
-        return (model, info) if want_info else model
-
-    def save_pretrained(self, save_directory: str | Any, *args: Any, **kwargs: Any) -> Any:
-        """`PreTrainedModel.save_pretrained`, plus an ``AutoModel`` entry in ``auto_map``.
-
-        A class registers for one auto class only; the bare model is added by hand so that
-        ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works from any head's folder.
-        """
-        # Start from a clean map: a config shared with (or loaded from) another head must not keep
-        # that head's entry. The config and this class add their own entries while saving.
-        self.config.auto_map = {"AutoModel": f"{__name__.rsplit('.', 1)[-1]}.LabelformerModel"}
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def _tied_keys(self) -> dict[str, str]:
-        """Target -> source parameter names tied under this module (overridden by heads)."""
-        return {}
-
-    # Tying depends on two config flags (share_embeddings, tie_word_embeddings), so the mapping
-    # is built from the config instead of being a fixed class attribute.
-    @property
-    def _tied_weights_keys(self) -> dict[str, str]:
-        return self._tied_keys()
-
-    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
-        # The base class ignores every tie when `tie_word_embeddings` is False; shared
-        # encoder/decoder embeddings are tied independently of it.
-        if all_submodels:
-            return super().get_expanded_tied_weights_keys(all_submodels=True)
-        return self._tied_keys()
 
 
 class LabelformerModel(LabelformerPreTrainedModel):
@@ -791,12 +648,9 @@ class LabelformerModel(LabelformerPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
-                input_ids,
-                attention_mask,
-                inputs_embeds,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-            )
+                input_ids, attention_mask, inputs_embeds,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            )  # fmt: skip
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(*encoder_outputs)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -804,26 +658,17 @@ class LabelformerModel(LabelformerPreTrainedModel):
                 "LabelformerModel needs `decoder_input_ids` (or `labels` on a head, which builds them by shifting)."
             )
         decoder_outputs = self.decoder(
-            decoder_input_ids,
-            encoder_outputs.last_hidden_state,
-            attention_mask=decoder_attention_mask,
-            encoder_attention_mask=attention_mask,
-            cache=generation_cache(cache, past_key_values),
-            inputs_embeds=decoder_inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
+            decoder_input_ids, encoder_outputs.last_hidden_state, attention_mask=decoder_attention_mask,
+            encoder_attention_mask=attention_mask, cache=generation_cache(cache, past_key_values),
+            inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
         return Seq2SeqModelOutput(
-            last_hidden_state=decoder_outputs.last_hidden_state,
-            **{CACHE_OUTPUT_FIELD: output_cache(decoder_outputs)},
-            decoder_hidden_states=decoder_outputs.hidden_states,
-            decoder_attentions=decoder_outputs.attentions,
-            cross_attentions=decoder_outputs.cross_attentions,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-        )
+            last_hidden_state=decoder_outputs.last_hidden_state, **{CACHE_OUTPUT_FIELD: output_cache(decoder_outputs)},
+            decoder_hidden_states=decoder_outputs.hidden_states, decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions, encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state, encoder_attentions=encoder_outputs.attentions,
+        )  # fmt: skip
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -847,7 +692,7 @@ def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smo
     )
 
 
-class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, GenerationMixin):
+class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, FastGenerationMixin, GenerationMixin):
     """Encoder-decoder with a linear + softmax output layer over the decoder vocabulary (paper 3.4).
 
     Trained with teacher forcing: give ``labels`` ``[b, t]`` (-100 = ignore) and the decoder
@@ -887,111 +732,6 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
     def get_decoder(self) -> LabelformerDecoder:
         return self.model.decoder
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """`GenerationMixin.generate`, plus a fast path for plain greedy decoding.
-
-        A call that asks for nothing but greedy decoding (``input_ids``, ``attention_mask``,
-        ``max_new_tokens``, ``min_new_tokens``, ``num_beams=1``, ``do_sample=False``, and a generation
-        config without penalties, forced tokens or extra outputs) runs `greedy_generate`: the same
-        tokens, decoded on a preallocated `StaticDecodingCache` without the generic loop's per-step
-        overhead. ``model.fast_greedy_generate = False`` always takes the generic loop.
-        """
-        fast = self._plain_greedy_request(args, kwargs)
-        if fast is not None:
-            return self.greedy_generate(**fast)
-        return super().generate(*args, **kwargs)
-
-    def compute_transition_scores(
-        self,
-        sequences: torch.Tensor,
-        scores: tuple[torch.Tensor, ...],
-        beam_indices: torch.Tensor | None = None,
-        normalize_logits: bool = False,
-    ) -> torch.Tensor:
-        """The score of each generated token: ``[n, t]`` from ``sequences`` ``[n, start + t]`` and the
-        per-step ``scores`` (``t`` tensors ``[rows, v]``) of `generate()`; 0 after a beam finished.
-
-        Same contract as `GenerationMixin.compute_transition_scores`, but sized by the scores
-        themselves: the decoder vocabulary may differ from the encoder's (``config.vocab_size``).
-        """
-        stacked = torch.stack(scores, dim=1).float()  # [rows, steps, v]
-        if normalize_logits:
-            stacked = stacked.log_softmax(-1)
-        if beam_indices is None:
-            beam_indices = torch.arange(sequences.shape[0], device=sequences.device)[:, None]
-            beam_indices = beam_indices.expand(-1, len(scores))
-        length = int((beam_indices >= 0).sum(-1).max())
-        rows = beam_indices[:, :length]
-        finished = rows < 0
-        tokens = sequences[:, sequences.shape[1] - length :]
-        steps = torch.arange(length, device=sequences.device)[None, :]
-        picked = stacked.to(sequences.device)[rows.clamp(min=0), steps, tokens]  # [n, length]
-        return picked.masked_fill(finished, 0.0)
-
-    # generation-config fields the fast greedy loop implements
-    _GREEDY_FIELDS = frozenset({
-        "max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache", "pad_token_id",
-        "bos_token_id", "eos_token_id", "decoder_start_token_id", "num_return_sequences", "transformers_version",
-        "_from_model_config", "early_stopping", "length_penalty",
-    })  # fmt: skip
-
-    def _plain_greedy_request(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-        """The arguments of `greedy_generate` if this `generate()` call is plain greedy decoding, else None."""
-        if args or not getattr(self, "fast_greedy_generate", True):
-            return None
-        if not {"input_ids", "attention_mask"} <= kwargs.keys() or kwargs.keys() - {
-            "input_ids",
-            "attention_mask",
-            "max_new_tokens",
-            "min_new_tokens",
-            "num_beams",
-            "do_sample",
-            "use_cache",
-        }:
-            return None
-        config = self.generation_config
-        # every other field must be unset or off (None, False, 0, empty)
-        if any(value for key, value in config.to_dict().items() if key not in self._GREEDY_FIELDS):
-            return None
-        if kwargs.get("num_beams", config.num_beams or 1) != 1 or kwargs.get("do_sample", config.do_sample):
-            return None
-        if not kwargs.get("use_cache", config.use_cache if config.use_cache is not None else True):
-            return None
-        if (config.num_return_sequences or 1) != 1 or self.config._attn_implementation not in ("eager", "sdpa"):
-            return None
-        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
-        if max_new_tokens is None:  # length defaults differ between transformers releases: let generate() decide
-            return None
-        return {
-            "input_ids": kwargs["input_ids"],
-            "attention_mask": kwargs["attention_mask"],
-            "max_new_tokens": max_new_tokens,
-            "min_new_tokens": kwargs.get("min_new_tokens", config.min_new_tokens) or 0,
-        }
-
-    @torch.no_grad()
-    def greedy_generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 20, min_new_tokens: int = 0
-    ) -> torch.Tensor:
-        """Greedy decoding on a `StaticDecodingCache`: ``[b, s]`` -> ``[b, 1 + t]`` (start token first).
-
-        Same result as ``generate(num_beams=1, do_sample=False)``: EOS is forbidden for the first
-        ``min_new_tokens`` steps, finished rows continue with padding, and decoding stops once every
-        row has produced EOS or after ``max_new_tokens`` steps.
-        """
-        config = self.generation_config
-        start = (
-            config.decoder_start_token_id
-            if config.decoder_start_token_id is not None
-            else self.config.decoder_start_token_id
-        )
-        eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
-        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
-        pad = config.pad_token_id if config.pad_token_id is not None else eos_ids[0].item()
-        encoder_states = self.model.encoder(input_ids, attention_mask).last_hidden_state
-        return greedy_decode(self, encoder_states, attention_mask, start=start, eos_ids=eos_ids, pad=pad,
-                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)  # fmt: skip
-
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by `DataCollatorForSeq2Seq`: labels ``[b, t]`` -> decoder inputs ``[b, t]``."""
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
@@ -1018,34 +758,23 @@ class LabelformerForConditionalGeneration(LabelformerPreTrainedModel, Generation
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         outputs = self.model(
-            input_ids,
-            attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            encoder_outputs=encoder_outputs,
-            cache=generation_cache(cache, past_key_values),
-            inputs_embeds=inputs_embeds,
-            decoder_inputs_embeds=decoder_inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
+            input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
+            cache=generation_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
             # Our own seq2seq loss: `self.loss_function` would be the causal-LM loss, which shifts.
             loss = sequence_cross_entropy(logits, labels, self.config.label_smoothing)
         return Seq2SeqLMOutput(
-            loss=loss,
-            logits=logits,
-            **{CACHE_OUTPUT_FIELD: output_cache(outputs)},
-            decoder_hidden_states=outputs.decoder_hidden_states,
-            decoder_attentions=outputs.decoder_attentions,
-            cross_attentions=outputs.cross_attentions,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            encoder_attentions=outputs.encoder_attentions,
-        )
+            loss=loss, logits=logits, **{CACHE_OUTPUT_FIELD: output_cache(outputs)},
+            decoder_hidden_states=outputs.decoder_hidden_states, decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions, encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states, encoder_attentions=outputs.encoder_attentions,
+        )  # fmt: skip
 
 
 __all__ = [
