@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -36,42 +37,28 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from configuration.configuration_labelformer import EOS_TOKEN_ID, NUM_SPECIAL_DECODER_TOKENS  # noqa: E402
 from modeling import compute_multilabel_metrics, load_multilabel_dataset, split_unknown_labels  # noqa: E402
 from modeling.data_labelformer import label_target, order_labels, report_unknown_labels  # noqa: E402
 
 logger = logging.getLogger("finetune_with_trainer")
 
 
-def metrics_against(references: Sequence[Sequence[str]], id2label: dict[int, str]) -> Callable[[Any], dict[str, float]]:
-    """The Trainer's ``compute_metrics``: generated ids ``[n, t]`` (start token first) scored against the
-    evaluation split's own label sets, in order.
+def metrics_against(references: Sequence[Sequence[str]], model: Any) -> Callable[[Any], dict[str, float]]:
+    """The Trainer's ``compute_metrics``: generated ids ``[n, t]`` turned into label names by the model's
+    own `decode_labels` and scored against the evaluation split's label sets, in order.
 
     Scoring against the raw label sets rather than the encoded targets keeps labels the model has no
     token for (unseen in training) in the references, so they count as misses instead of vanishing.
     """
     references = [list(labels) for labels in references]
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
     def compute_metrics(prediction: Any) -> dict[str, float]:
-        predicted = token_ids_to_labels(np.asarray(prediction.predictions)[:, 1:], id2label)
-        return compute_multilabel_metrics(predicted, references, labels=list(id2label.values()))
+        # rows are padded with -100 where the Trainer joined batches of different lengths: after EOS
+        predicted = model.decode_labels(torch.as_tensor(np.asarray(prediction.predictions)))
+        return compute_multilabel_metrics(predicted, references, labels=labels)
 
     return compute_metrics
-
-
-def token_ids_to_labels(ids: np.ndarray, id2label: dict[int, str]) -> list[list[str]]:
-    """Decoder token ids ``[n, t]`` (labels, EOS, padding or -100) -> label names up to the first EOS."""
-    names = []
-    for row in ids.tolist():
-        labels = []
-        for token in row:
-            if token == -100 or token < NUM_SPECIAL_DECODER_TOKENS:
-                if token in (EOS_TOKEN_ID, -100):  # EOS, or the padding that follows it
-                    break
-                continue  # the start token
-            labels.append(id2label[token - NUM_SPECIAL_DECODER_TOKENS])
-        names.append(labels)
-    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --output_dir {out} is not empty (pass --overwrite_output_dir)", file=sys.stderr)
         return 2
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    if not hasattr(model, "label_processor"):
+    if not hasattr(model, "decode_labels"):
         print(f"error: {args.model_name_or_path} is not a Labelformer label generator", file=sys.stderr)
         return 2
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -153,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         logging_steps=10,
     )
 
-    compute_metrics = metrics_against(data["validation"]["labels"], config.id2label)
+    compute_metrics = metrics_against(data["validation"]["labels"], model)
 
     trainer = Seq2SeqTrainer(
         model=model,

@@ -6,7 +6,8 @@
 
 The pushed repository holds safetensors weights, the model, config and pipeline code
 (`trust_remote_code=True`), the tokenizer, the run's reports and a README.md model card with the
-test metrics in its `model-index`. `--dry_run DIR` writes that folder locally instead.
+shipped model's test metrics in its `model-index` and a remote-code warning that names every
+Python file of the repository. `--dry_run DIR` writes that folder locally instead.
 """
 
 from __future__ import annotations

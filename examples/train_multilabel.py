@@ -138,6 +138,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     """Train, early-stop on validation micro-F1, calibrate, evaluate the best model on test."""
     mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # N processes without a GPU train together over gloo
         mixed_precision=mixed_precision,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -408,9 +409,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1 (got {getattr(args, name)}).")
     for name in ("max_labels", "max_train_samples", "save_every_steps", "stop_after_steps"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "save_every_steps" else 1):
-            p.error(f"--{name} must be >= 1 (got {value}).")
+        value, least = getattr(args, name), 0 if name == "save_every_steps" else 1
+        if value is not None and value < least:
+            p.error(f"--{name} must be >= {least} (got {value}).")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         p.error(f"--learning_rate must be a finite number > 0 (got {args.learning_rate}).")
     if not 0 <= args.ema_decay < 1:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,40 @@ _METRIC_NAMES = {
 }
 
 
+#: What the card template's remote-code warning says in place of the list of code files.
+CODE_FILES_SLOT = "{{ code_files }}"
+
+
 def _table(rows: dict[str, Any]) -> str:
     return "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+
+
+def remote_code_files(model: Any) -> list[str]:
+    """The ``.py`` files ``model.save_pretrained`` writes beside the weights, sorted by name.
+
+    The same walk as `transformers.dynamic_module_utils.custom_object_save`: the head's module and the
+    config's module, plus every file they import relatively. For a folder already written, list its
+    ``*.py`` files instead (`prepare_hub_folder` does).
+    """
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    names = set()
+    for cls in (type(model), type(model.config)):
+        module_file = sys.modules[cls.__module__].__file__
+        names.add(Path(module_file).name)
+        names.update(Path(needed).name for needed in get_relative_import_files(module_file))
+    return sorted(names)
+
+
+def _card_template(template_path: str | os.PathLike) -> str:
+    """The template text with `CODE_FILES_SLOT` where the remote-code warning lists the code files."""
+    text = Path(template_path).read_text(encoding="utf-8")
+    if CODE_FILES_SLOT not in text:
+        raise ValueError(
+            f"The card template {str(template_path)!r} has no {CODE_FILES_SLOT} for the remote-code warning: "
+            "a card must name every Python file that trust_remote_code=True runs."
+        )
+    return text
 
 
 def build_model_card(
@@ -45,6 +79,7 @@ def build_model_card(
     repo_id: str | None = None,
     eval_split: str = "test",
     template_path: str | os.PathLike = HUB_CARD_TEMPLATE,
+    code_files: Sequence[str] | None = None,
 ) -> Any:
     """A `huggingface_hub.ModelCard` from ``hub_card.md`` with metadata and ``model-index`` filled in.
 
@@ -53,11 +88,15 @@ def build_model_card(
         metrics: test metrics (keys of `compute_multilabel_metrics`); they go into ``model-index``.
         training_args: hyperparameters to list in the card.
         repo_id: the Hub repository the card is for (used in the code examples).
+        code_files: the ``.py`` files the model's folder carries, named in the card's remote-code
+            warning; by default those ``save_pretrained`` writes for this model (`remote_code_files`).
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     if not Path(template_path).is_file():
         raise FileNotFoundError(f"Model card template {str(template_path)!r} not found.")
+    template = _card_template(template_path)
+    code_files = sorted(code_files) if code_files is not None else remote_code_files(model)
     config = model.config
     head = type(model).__name__
     auto_class = (
@@ -104,12 +143,14 @@ def build_model_card(
         "source vocabulary": config.vocab_size,
         "label order": config.label_order,
         "min / max labels": f"{config.min_labels} / {config.effective_max_labels}",
+        "lexical part": _lexical_part(model),
         "parameters": f"{sum(p.numel() for p in model.parameters()):,}",
     }
     metric_rows = {_METRIC_NAMES[k][1]: f"{v:.4f}" for k, v in (metrics or {}).items() if k in _METRIC_NAMES}
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=template,
+        code_files=", ".join(f"`{name}`" for name in code_files),
         model_name=name,
         repo_id=repo_id or "path/to/model",
         head_class=head,
@@ -125,11 +166,20 @@ def build_model_card(
     )
 
 
+def _lexical_part(model: Any) -> str:
+    """The architecture table's entry for the optional hybrid part (`LexicalLabelScorer`)."""
+    scorer = getattr(model, "lexical_scorer", None)
+    if scorer is None:
+        return "none"
+    return f"tf-idf linear model added to the label logits (scale {float(scorer.scale):g})"
+
+
 def _head_class(model_dir: Path) -> type:
     import json
 
-    from . import LabelformerForConditionalGeneration, LabelformerModel
-    from .multilabel_labelformer import LabelformerForMultiLabelClassification, LabelformerForMultiLabelGeneration
+    from .classification_labelformer import LabelformerForMultiLabelClassification
+    from .generation_labelformer import LabelformerForMultiLabelGeneration
+    from .modeling_labelformer import LabelformerForConditionalGeneration, LabelformerModel
     from .parallel_labelformer import LabelformerForParallelLabelGeneration
 
     heads = {
@@ -157,8 +207,9 @@ def prepare_hub_folder(model_dir: str | os.PathLike, target: str | os.PathLike, 
 
     The folder holds safetensors weights, config (``auto_map``, ``custom_pipelines``), the model,
     config and pipeline code, the tokenizer and *our* model card as ``README.md`` (filled with the
-    run's ``test_metrics.json`` and ``training_args.json`` when ``model_dir`` has them), plus the
-    run's reports.
+    shipped model's metrics from the run's ``test_metrics.json`` and with its ``training_args.json``
+    when ``model_dir`` has them; its remote-code warning names every ``.py`` file of the folder),
+    plus the run's reports.
     """
     import json
     import shutil
@@ -173,16 +224,17 @@ def prepare_hub_folder(model_dir: str | os.PathLike, target: str | os.PathLike, 
     model.save_pretrained(target)
     save_tokenizer(tokenizer, target)
     metrics_file = model_dir / "test_metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    # the training script writes {"calibration", "transformer", "shipped", ...}: the folder holds the shipped model
+    metrics = metrics.get("shipped", metrics)
     args_file = model_dir / "training_args.json"
     training_args = None
     if args_file.is_file():
-        keep = ("head", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio", "dropout",
-                "label_order", "max_length", "seed")  # fmt: skip
+        keep = ("head", "epochs", "batch_size", "learning_rate", "dropout", "label_order", "max_length", "seed")
         training_args = {k: v for k, v in json.loads(args_file.read_text()).items() if k in keep}
     card = build_model_card(
-        model, {k: v for k, v in (metrics or {}).items() if k in _METRIC_NAMES}, training_args=training_args,
-        repo_id=repo_id,
+        model, {k: v for k, v in metrics.items() if k in _METRIC_NAMES}, training_args=training_args,
+        repo_id=repo_id, code_files=[path.name for path in target.glob("*.py")],
     )  # fmt: skip
     card.save(target / "README.md")
     for report in ("test_metrics.json", "per_label_metrics.md", "training_curve.png"):
@@ -220,4 +272,11 @@ def push_to_hub(
     return commit
 
 
-__all__ = ["HUB_CARD_TEMPLATE", "REUTERS_DESCRIPTION", "build_model_card", "prepare_hub_folder", "push_to_hub"]
+__all__ = [
+    "HUB_CARD_TEMPLATE",
+    "REUTERS_DESCRIPTION",
+    "build_model_card",
+    "prepare_hub_folder",
+    "push_to_hub",
+    "remote_code_files",
+]

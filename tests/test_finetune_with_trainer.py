@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from modeling import (
     LabelformerConfig,
@@ -45,7 +46,7 @@ def test_trainer_fine_tunes_and_checkpoints_load_with_remote_code(tmp_path, data
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert [c.name for c in checkpoints] == ["checkpoint-2", "checkpoint-4"]
     checkpoint = checkpoints[-1]
-    assert (checkpoint / "multilabel_labelformer.py").is_file() and (checkpoint / "model.safetensors").is_file()
+    assert (checkpoint / "generation_labelformer.py").is_file() and (checkpoint / "model.safetensors").is_file()
     result = run_isolated(
         f"""
         import json
@@ -62,21 +63,26 @@ def test_trainer_fine_tunes_and_checkpoints_load_with_remote_code(tmp_path, data
     assert len(result["labels"]) == 2 and all(set(ls) <= set(config.label2id) for ls in result["labels"])
 
 
-def test_trainer_metrics_count_labels_the_model_cannot_predict():
-    """The script scores generated ids against the raw validation label sets: unseen labels are misses."""
+def test_trainer_metrics_decode_with_the_model_and_count_labels_it_cannot_predict():
+    """The script decodes generated ids with `decode_labels` and scores them against the raw validation
+    label sets: labels unseen in training are misses."""
     from types import SimpleNamespace
 
     import numpy as np
 
     from examples.finetune_with_trainer import metrics_against
 
-    id2label = {0: "earn", 1: "acq"}
+    from .conftest import TINY
+
+    model = LabelformerForMultiLabelGeneration(LabelformerConfig.from_labels(["earn", "acq"], **TINY))
     start, eos = 1, 2  # decoder ids: 0 pad, 1 start, 2 EOS, label k is k + 3
-    generated = np.array([[start, 3, eos, 0], [start, 4, 3, eos]])  # "earn"; "acq", "earn"
-    compute = metrics_against([["earn", "zinc"], ["acq", "earn"]], id2label)
+    # "earn"; "acq", "earn" (no EOS: max_labels reached, then the Trainer's -100 padding); nothing
+    generated = np.array([[start, 3, eos, 0], [start, 4, 3, -100], [start, eos, -100, -100]])
+    assert model.decode_labels(torch.as_tensor(generated)) == [["earn"], ["acq", "earn"], []]
+    compute = metrics_against([["earn", "zinc"], ["acq", "earn"], ["acq"]], model)
     metrics = compute(SimpleNamespace(predictions=generated, label_ids=None))
-    # 3 of 4 gold labels found, no false positive: zinc (unseen in training) is a miss.
-    assert metrics["micro_f1"] == pytest.approx(2 * 3 / (3 + 4))
-    assert metrics["subset_accuracy"] == pytest.approx(1 / 2)
+    # 3 of 5 gold labels found, no false positive: zinc (unseen in training) is a miss.
+    assert metrics["micro_f1"] == pytest.approx(2 * 3 / (3 + 5))
+    assert metrics["subset_accuracy"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError):
         compute(SimpleNamespace(predictions=generated[:1], label_ids=None))

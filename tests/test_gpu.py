@@ -1,4 +1,4 @@
-"""CUDA checks: attention backends, bf16, cached decoding and the label fast paths on a GPU.
+"""CUDA checks: attention backends, bf16, cached decoding, the label fast paths and the padding-free encoder.
 
 Skipped where no CUDA device is present (CI); run on a GPU machine with
 ``python -m pytest -q tests/test_gpu.py``.
@@ -63,10 +63,13 @@ def test_cached_generation_on_cuda_matches_the_cpu():
     kwargs = dict(max_new_tokens=8, num_beams=1, do_sample=False)
     on_cpu = model.generate(input_ids=ids.cpu(), attention_mask=mask.cpu(), **kwargs)
     model.to(CUDA)
-    on_gpu = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    on_gpu = model.generate(input_ids=ids, attention_mask=mask, **kwargs)  # the fast greedy path
     uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+    model.fast_greedy_generate = False
+    generic = model.generate(input_ids=ids, attention_mask=mask, **kwargs)  # the generic cached loop
     assert torch.equal(on_gpu.cpu(), on_cpu)
     assert torch.equal(uncached, on_gpu)
+    assert torch.equal(generic, on_gpu)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,7 +82,10 @@ def test_label_fast_paths_match_generate_on_cuda(dtype):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         tokens, _ = model.greedy_labels(ids, mask)
-        reference = model.generate(input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False)[:, 1:]
+        # the generic loop under the label rules (asking for scores leaves the fast path)
+        reference = model.generate(input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False,
+                                   output_scores=True, return_dict_in_generate=True).sequences[:, 1:]  # fmt: skip
+        assert model.decode_labels(reference) == model.decode_labels(model.generate(input_ids=ids, attention_mask=mask))
     width = min(tokens.shape[1], reference.shape[1])
     fast = torch.where(tokens[:, :width] == config.pad_token_id, config.eos_token_id, tokens[:, :width])
     slow = torch.where(reference[:, :width] == config.pad_token_id, config.eos_token_id, reference[:, :width])
@@ -116,7 +122,8 @@ def test_bf16_autocast_training_learns_on_cuda():
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_cuda_graph_decoding_matches_eager_decoding(dtype, backend):
     torch.manual_seed(0)
-    model = LabelformerForMultiLabelGeneration(synthetic_config(max_labels=5, init_std=0.3)).to(CUDA, dtype).eval()
+    config = synthetic_config(max_labels=5, init_std=0.3, lexical_scorer=True)
+    model = LabelformerForMultiLabelGeneration(config).to(CUDA, dtype).eval()
     model.config._attn_implementation = backend
     generator = torch.Generator().manual_seed(0)
     for call in range(3):  # the first call captures; later calls replay with new inputs
@@ -138,15 +145,19 @@ def test_cuda_graph_decoding_matches_eager_decoding(dtype, backend):
         model.use_cuda_graphs = False
         plain = model.greedy_labels(ids, mask)
     assert_same_decoding(graphed, plain)
-    # so is a decoding bias set after the capture (static bias tensors): one label, then EOS
-    model.set_decoding_bias(eos_logit_bias=50.0)
+    # so is the lexical part's row bias set after the capture (a static tensor the graph reads):
+    # a large margin for the first label makes it every row's first choice
+    scorer = model.lexical_scorer
     with torch.no_grad():
+        scorer.idf.fill_(1.0)
+        scorer.bias[0] = 10.0
+        scorer.scale.fill_(50.0)
         model.use_cuda_graphs = True
         graphed = model.greedy_labels(ids, mask)
         model.use_cuda_graphs = False
         plain = model.greedy_labels(ids, mask)
     assert_same_decoding(graphed, plain)
-    assert (graphed[0][:, 1] == model.config.eos_token_id).all()
+    assert (graphed[0][:, 0] == config.label2id[LABELS[0]] + 3).all()
 
 
 def assert_same_decoding(graphed, plain) -> None:
@@ -158,26 +169,30 @@ def assert_same_decoding(graphed, plain) -> None:
 
 
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_unpadded_encoder_matches_the_padded_one_on_cuda(dtype, atol):
-    """The padding-free encoder on CUDA (index ops, bf16) gives the padded encoder's real positions,
-    and stands aside while a CUDA graph is captured (its token count is data dependent)."""
+def test_padding_free_encoder_matches_unpadded_rows_on_cuda(dtype, atol):
+    """The padding-free encoder on CUDA (index ops, bf16) gives each row of a padded batch what the row
+    alone, without padding, gets from the dense path; and it stands aside while a CUDA graph is
+    captured (its token count is data dependent)."""
     from modeling.modeling_labelformer import token_packing
 
     torch.manual_seed(0)
     model = LabelformerForConditionalGeneration(tiny_config()).to(CUDA, dtype).eval()
     model.config._attn_implementation = "sdpa"
     ids, mask = padded_batch()
-    outputs = {}
-    for unpad in (True, False):
-        model.config.unpad_encoder = unpad
-        with torch.no_grad():
-            outputs[unpad] = model.get_encoder()(ids, mask).last_hidden_state.float()
-    real = mask.bool()
-    torch.testing.assert_close(outputs[True][real], outputs[False][real], atol=atol, rtol=atol)
-    assert outputs[True][~real].abs().max() == 0
-    model.config.unpad_encoder = True
+    mask[2, -3:] = 0  # two padded rows of different lengths
+    assert token_packing(mask) is not None
+    encoder = model.get_encoder()
+    with torch.no_grad():
+        packed = encoder(ids, mask).last_hidden_state.float()
+        for row in range(ids.shape[0]):
+            length = int(mask[row].sum())
+            alone = ids[row : row + 1, :length]
+            assert token_packing(torch.ones_like(alone)) is None  # no padding: the dense path
+            dense = encoder(alone, torch.ones_like(alone)).last_hidden_state.float()[0]
+            torch.testing.assert_close(packed[row, :length], dense, atol=atol, rtol=atol)
+    assert packed[~mask.bool()].abs().max() == 0
     seen = []
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        seen.append(token_packing(model.config, mask))
+        seen.append(token_packing(mask))
     assert seen == [None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,15 +12,32 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from transformers import pipeline
 
-from modeling import LabelformerForMultiLabelGeneration
-from modeling.hub_labelformer import push_to_hub
+from modeling import (
+    LabelformerForMultiLabelClassification,
+    LabelformerForMultiLabelGeneration,
+    LabelformerForParallelLabelGeneration,
+)
+from modeling.hub_labelformer import build_model_card, prepare_hub_folder, push_to_hub, remote_code_files
 
 from .isolation import run_isolated
+from .synthetic import synthetic_config
 from .textdata import make_texts, trained_text_model
 
 TEXTS = [r["text"] for r in make_texts(6, seed=7)]
 METRICS = {"micro_f1": 0.91, "macro_f1": 0.6, "example_f1": 0.92, "subset_accuracy": 0.86, "hamming_loss": 0.01,
            "jaccard": 0.9}  # fmt: skip
+#: What the training script writes: the calibration, the Transformer alone and the shipped model.
+TEST_METRICS = {"calibration": {"lexical_scale": 0.0}, "transformer": {**METRICS, "micro_f1": 0.5}, "shipped": METRICS}
+#: Code every label generator's folder carries (among others: the files these import).
+GENERATOR_CODE = {
+    "configuration_labelformer.py",
+    "decoding_labelformer.py",
+    "generation_labelformer.py",
+    "lexical_labelformer.py",
+    "modeling_labelformer.py",
+    "pipeline_labelformer.py",
+    "prediction_labelformer.py",
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +46,16 @@ def trained_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("trained")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "test_metrics.json").write_text(json.dumps(METRICS))
+    (folder / "test_metrics.json").write_text(json.dumps(TEST_METRICS))
+    (folder / "training_args.json").write_text(json.dumps({"head": "generation", "epochs": 2, "preset": "tiny"}))
     return folder
+
+
+def code_warning(card_text: str) -> set[str]:
+    """The file names the card's remote-code warning lists."""
+    match = re.search(r"\*\*custom code\*\*\s*\(([^)]*)\)", card_text)
+    assert match, "the card has no remote-code warning"
+    return set(re.findall(r"`([^`]+\.py)`", match.group(1)))
 
 
 @pytest.fixture
@@ -67,17 +93,12 @@ def test_push_and_reload_in_a_fresh_process(trained_dir, fake_hub, tmp_path):
     repo = fake_hub.root / "someone" / "labelformer-tiny"
     assert [c[0] for c in fake_hub.calls] == ["create_repo", "create_commit"]
     files = {p.name for p in repo.iterdir()}
-    code = {
-        "modeling_labelformer.py",
-        "multilabel_labelformer.py",
-        "configuration_labelformer.py",
-        "pipeline_labelformer.py",
-    }
-    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} | code <= files
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "test_metrics.json"} <= files
+    assert GENERATOR_CODE <= {name for name in files if name.endswith(".py")} == set(remote_code_files(model))
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     assert "local_files_only" not in json.loads((repo / "tokenizer_config.json").read_text())
     config = json.loads((repo / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "multilabel_labelformer.LabelformerForMultiLabelGeneration"
+    assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "generation_labelformer.LabelformerForMultiLabelGeneration"
     assert config["auto_map"]["AutoConfig"] == "configuration_labelformer.LabelformerConfig"
     assert config["custom_pipelines"]["multi-label-generation"]["impl"].startswith("pipeline_labelformer.")
 
@@ -109,16 +130,65 @@ def test_push_and_reload_in_a_fresh_process(trained_dir, fake_hub, tmp_path):
 
 def test_pushed_card_is_ours_and_its_metadata_parses(trained_dir, fake_hub):
     push_to_hub(trained_dir, "someone/card-check")
-    card = ModelCard.load(fake_hub.root / "someone" / "card-check" / "README.md")
+    repo = fake_hub.root / "someone" / "card-check"
+    card = ModelCard.load(repo / "README.md")
     data = card.data.to_dict()
     assert data["library_name"] == "transformers"
     assert {"custom_code", "multi-label-classification", "labelformer"} <= set(data["tags"])
+    # the shipped model's metrics, not the Transformer alone's
     results = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert results["micro-F1"] == pytest.approx(METRICS["micro_f1"])
     assert results["subset accuracy (exact match)"] == pytest.approx(METRICS["subset_accuracy"])
+    assert len(results) == len(METRICS)
     text = card.text
     assert "trust_remote_code=True" in text and "someone/card-check" in text
     assert "Attention Is All You Need" in text and "Reuters-21578, Distribution 1.0" in text
+    assert "| head | generation |" in text and "preset" not in text  # training_args.json, the card's keys only
+    assert "| lexical part | none |" in text
+    # the remote-code warning names exactly the Python files the repository holds
+    assert code_warning(text) == {p.name for p in repo.glob("*.py")}
+    assert code_warning(text) >= GENERATOR_CODE
+    for gone in ("multilabel_labelformer", "lexical_logit_weight", "label_name", "set search", "decoding bias",
+                 "eos_logit_bias", "ensemble", "stacking"):  # fmt: skip
+        assert gone not in text.lower(), gone
+
+
+@pytest.mark.parametrize(
+    "head", [LabelformerForMultiLabelGeneration, LabelformerForMultiLabelClassification,
+             LabelformerForParallelLabelGeneration],
+)  # fmt: skip
+def test_card_names_the_code_every_head_saves(head, tmp_path):
+    """The default list (without a folder) is what `save_pretrained` writes, for every head."""
+    lexical = head is not LabelformerForParallelLabelGeneration
+    model = head(synthetic_config(lexical_scorer=lexical)).eval()
+    if lexical:
+        model.lexical_scorer.scale.fill_(2.0)
+    model.save_pretrained(tmp_path)
+    saved = {p.name for p in tmp_path.glob("*.py")}
+    assert set(remote_code_files(model)) == saved
+    card = build_model_card(model, {"micro_f1": 0.5})
+    assert code_warning(card.text) == saved
+    assert ("| lexical part | tf-idf linear model added to the label logits (scale 2) |" in card.text) == lexical
+    auto = "AutoModelForSequenceClassification" if head is LabelformerForMultiLabelClassification else "Seq2SeqLM"
+    assert auto in card.text and head.__name__ in card.text
+    # a template that names its files by hand gets the real list; one without a warning is refused
+    template = tmp_path / "template.md"
+    template.write_text("---\n{{ card_data }}\n---\nThis has **custom code** (`old.py`). Trust it.\n")
+    assert code_warning(build_model_card(model, template_path=template).text) == saved
+    template.write_text("---\n{{ card_data }}\n---\nNo warning here.\n")
+    with pytest.raises(ValueError, match="code_files"):
+        build_model_card(model, template_path=template)
+
+
+def test_push_to_hub_example_dry_run_writes_the_folder(trained_dir, tmp_path):
+    from examples.push_to_hub import main
+
+    target = tmp_path / "dry"
+    assert main(["--model_dir", str(trained_dir), "--repo_id", "someone/dry", "--dry_run", str(target)]) == 0
+    assert (target / "model.safetensors").is_file() and (target / "test_metrics.json").is_file()
+    assert code_warning((target / "README.md").read_text()) == {p.name for p in target.glob("*.py")}
+    assert main(["--model_dir", str(tmp_path / "missing"), "--repo_id", "someone/x", "--dry_run", str(target)]) == 2
+    assert prepare_hub_folder(trained_dir, tmp_path / "again") == tmp_path / "again"
 
 
 def test_pipeline_in_process(trained_dir):

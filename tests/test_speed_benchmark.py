@@ -17,12 +17,14 @@ def test_speed_benchmark_reports_side_by_side_ratios(tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    for key in ("train_ratio", "train_ratio_padded", "unpad_encoder_speedup", "generate_ratio_b1",
-                "label_generation_ratio_b1"):  # fmt: skip
+    for key in ("train_ratio", "train_ratio_padded", "padding_free_encoder_speedup", "generate_ratio_b1",
+                "label_generation_ratio_b1", "label_generation_ratio_b4"):  # fmt: skip
         assert result[key] > 0, key
     kinds = [row["kind"] for row in result["rows"]]
     assert "train step" in kinds and any(kind.startswith("train step, ") for kind in kinds)
-    assert any("unpad_encoder=False" in kind for kind in kinds)
+    assert "  same shape without padding (dense encoder)" in kinds
+    assert sum(kind.startswith("parallel label decoder") for kind in kinds) == 2  # batch 1 and batch 4
+    assert not any("unpad_encoder" in kind for kind in kinds)
     padded = next(r for r in result["rows"] if r["kind"].startswith("train step, "))
     full = next(r for r in result["rows"] if r["kind"] == "train step")
     tokens = {

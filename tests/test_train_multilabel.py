@@ -1,9 +1,19 @@
-"""The Accelerate training job: outputs, exact resume, multi-process equivalence, bad input."""
+"""The Accelerate training job: outputs per head, the shipped folder as remote code, exact resume,
+multi-process equivalence, bad input.
+
+Runs use ``--preset tiny`` (seconds of training) on the 160/40-document slice of Reuters in
+``data_files``. Runs that must match bit for bit share one tokenizer: WordPiece training breaks
+ties differently from process to process (the trainer's hash maps), so those runs go through a
+small launcher that hands the script a fixed tokenizer instead of training one.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,34 +24,53 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from modeling import compute_multilabel_metrics
 from modeling.evaluation_labelformer import atomic_directory
+
+from .isolation import run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_multilabel.py"
-TINY = [
-    "--d_model", "32", "--ffn_dim", "64", "--attention_heads", "2", "--encoder_layers", "1", "--decoder_layers", "1",
-    "--vocab_size", "600", "--max_length", "48", "--batch_size", "8", "--eval_batch_size", "32", "--no_progress",
-    "--report_to", "none", "--num_beams", "1", "--show_examples", "2", "--learning_rate", "3e-3",
-]  # fmt: skip
+TINY = ["--preset", "tiny", "--no_progress", "--show_examples", "2"]
+METRICS = {"micro_f1", "macro_f1", "example_f1", "subset_accuracy", "hamming_loss", "jaccard"}
+STEPS_PER_EPOCH = 9  # 144 training documents (160 less 10% for validation) in batches of 16
+LAUNCHER = """
+import importlib.util, sys
+from transformers import AutoTokenizer
+spec = importlib.util.spec_from_file_location("train_multilabel", {script!r})
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, data_files) -> str:
-    """One tokenizer for runs that must be compared bit for bit (tokenizer training breaks ties
-    differently from process to process; a resumed run reuses its own saved tokenizer)."""
-    from modeling import load_multilabel_dataset, train_tokenizer
+def fixed_tokenizer(texts, vocab_size, model_max_length):
+    tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
 
-    folder = tmp_path_factory.mktemp("tokenizer")
-    texts = load_multilabel_dataset(train_file=data_files["train"], text_column="body", label_column="topics")
-    train_tokenizer(texts["train"]["text"], vocab_size=600, model_max_length=48).save_pretrained(folder)
-    return str(folder)
+
+script.train_tokenizer = fixed_tokenizer
+sys.exit(script.main(sys.argv[1:]))
+"""
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_multilabel_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def run(
-    args: list[str], launcher: list[str] | None = None, check: bool = True, timeout: float = 600
+    args: list[str],
+    launcher: list[str] | None = None,
+    check: bool = True,
+    timeout: float = 600,
+    script: Path = SCRIPT,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = (launcher or [sys.executable]) + [str(SCRIPT), *args]
+    quiet = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **quiet, **(env or {})}
+    command = (launcher or [sys.executable]) + [str(script), *args]
     # its own session, so a timeout kills the launcher's workers too, not only the launcher
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
@@ -62,184 +91,299 @@ def run(
 
 
 def data_args(files: dict[str, str]) -> list[str]:
-    return ["--train_file", files["train"], "--test_file", files["test"], "--text_column", "body", "--label_column",
-            "topics", "--validation_fraction", "0.2"]  # fmt: skip
+    return ["--train_file", files["train"], "--test_file", files["test"], "--text_column", "body",
+            "--label_column", "topics"]  # fmt: skip
 
 
-@pytest.mark.parametrize("head", ["generation", "threshold"])
-def test_training_writes_model_metrics_card_and_plots(tmp_path, data_files, head):
-    out = tmp_path / "run"
-    stacking = ["--lexical_stacking", "2"] if head == "threshold" else []  # the generator's stacking: resume test
-    proc = run([*TINY, *data_args(data_files), "--head", head, "--epochs", "2", "--output_dir", str(out),
-                "--lexical_scorer", *stacking])  # fmt: skip
-    metrics = json.loads((out / "test_metrics.json").read_text())
-    assert {"micro_f1", "macro_f1", "example_f1", "subset_accuracy", "hamming_loss", "jaccard"} <= set(metrics)
-    assert "Test metrics" in proc.stdout and "Example predictions" in proc.stdout
-    expected = ["model.safetensors", "config.json", "tokenizer.json", "README.md", "per_label_metrics.md",
-                "training_curve.png", "history.json", "multilabel_labelformer.py"]  # fmt: skip
-    for name in expected:
+@pytest.fixture(scope="module")
+def fixed_tokenizer_script(tmp_path_factory, data_files) -> Path:
+    """A launcher for the script whose runs all use one tokenizer (see the module docstring)."""
+    from modeling import load_multilabel_dataset, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("fixed_tokenizer")
+    texts = load_multilabel_dataset(train_file=data_files["train"], text_column="body", label_column="topics")
+    train_tokenizer(texts["train"]["text"], vocab_size=500, model_max_length=32).save_pretrained(folder / "tokenizer")
+    launcher = folder / "train_with_fixed_tokenizer.py"
+    launcher.write_text(LAUNCHER.format(script=str(SCRIPT), tokenizer=str(folder / "tokenizer")))
+    return launcher
+
+
+def code_warning(card_text: str) -> set[str]:
+    """The file names the card's remote-code warning lists."""
+    match = re.search(r"\*\*custom code\*\*\s*\(([^)]*)\)", card_text)
+    assert match, "the card has no remote-code warning"
+    return set(re.findall(r"`([^`]+\.py)`", match.group(1)))
+
+
+def losses(history: list[dict]) -> list[tuple[int, float]]:
+    return [(h["step"], h["loss"]) for h in history if "loss" in h]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end, one run per head
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["generation", "threshold", "parallel"])
+def trained(request, tmp_path_factory, data_files):
+    """One real run per head (the script trains its own tokenizer): ``(head, output folder, process)``."""
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    proc = run([*TINY, *data_args(data_files), "--head", request.param, "--output_dir", str(out)])
+    return request.param, out, proc
+
+
+def test_training_writes_model_metrics_and_card(trained):
+    head, out, proc = trained
+    assert "Test metrics" in proc.stdout and "Example predictions" in proc.stdout and "Finished in" in proc.stdout
+    last_checkpoint = f"checkpoints/checkpoint-{2 * STEPS_PER_EPOCH}"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
+                 "history.json", "training_curve.png", "per_label_metrics.md", "test_metrics.json",
+                 "training_args.json", "best_model/model.safetensors", "best_model/tokenizer.json",
+                 "tokenizer/tokenizer.json", f"{last_checkpoint}/trainer_state.json"):  # fmt: skip
         assert (out / name).is_file(), name
-    assert not list(out.glob("*.bin"))
-    card = (out / "README.md").read_text()
-    assert "model-index" in card and f"{metrics['micro_f1']:.4f}" in card
+    # model weights are safetensors only (Accelerate's checkpoints keep the optimizer state as it writes it)
+    assert not [p for folder in (out, out / "best_model") for p in folder.iterdir() if p.suffix in (".bin", ".pt")]
+    assert not list(out.glob(".tmp-*")) and not list((out / "checkpoints").glob(".tmp-*"))
+
+    # metrics: the Transformer alone and the shipped model (with its calibrated parts)
+    results = json.loads((out / "test_metrics.json").read_text())
+    assert set(results["transformer"]) == set(results["shipped"]) == METRICS
+    shipped = results["shipped"]
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history if "epoch" in h] == [1, 2]
+    assert [step for step, _ in losses(history)] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+
     config = json.loads((out / "config.json").read_text())
-    from transformers import AutoTokenizer
-
-    from modeling import label_name_token_ids
-    from modeling.lexical_labelformer import LEXICAL_LOGIT_WEIGHTS
-    from modeling.multilabel_labelformer import LABEL_NAME_BIASES
-
-    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    assert config["label_name_token_ids"] == label_name_token_ids(labels, AutoTokenizer.from_pretrained(out))
-    assert any(config["label_name_token_ids"]) and config["label_name_bias"] in {0.0, *LABEL_NAME_BIASES}
-    # the lexical scorer was fitted before training and saved; its weight was fit on validation
-    assert config["lexical_scorer"] and config["lexical_logit_weight"] in {0.0, *LEXICAL_LOGIT_WEIGHTS}
     weights = load_file(out / "model.safetensors")
-    assert weights["lexical_label_scorer.idf"].count_nonzero() > 50 and weights["lexical_label_scorer.weight"].any()
-    assert (out / "lexical_labelformer.py").is_file()  # the remote code travels with the folder
-    assert config["lexical_training_weight"] == (2.0 if stacking else 0.0)
-    if stacking:
-        assert "out-of-fold margins of" in proc.stderr
-    if head == "generation":  # the decoding bias was fit on validation and saved with the model
-        tuned = metrics["decoding_bias"]
-        assert tuned["micro_f1"] >= tuned["unbiased_micro_f1"]
-        assert config["eos_logit_bias"] == tuned["eos_logit_bias"]
-        assert (config["label_logit_bias"] is None) == (tuned["prior_weight"] == 0)
-        assert config["label_name_bias"] == tuned["label_name_bias"]
-        assert config["lexical_logit_weight"] == tuned["lexical_logit_weight"]
+    calibration = results["calibration"]
+    if head == "parallel":  # no hybrid part, nothing to calibrate: the Transformer is shipped as it is
+        assert calibration == {} and results["shipped"] == results["transformer"]
+        assert not config["lexical_scorer"] and not any(k.startswith("lexical_scorer.") for k in weights)
+    else:  # the lexical part was fit after training and its scale chosen on validation
+        assert config["lexical_scorer"]
+        assert weights["lexical_scorer.idf"].count_nonzero() > 50 and weights["lexical_scorer.weight"].any()
+        assert float(weights["lexical_scorer.scale"]) == calibration["lexical_scale"]
+        assert "lexical_scorer.idf" not in load_file(out / "best_model" / "model.safetensors")
+    if head == "generation":
+        assert set(calibration) == {"lexical_scale", "validation_micro_f1", "transformer_validation_micro_f1"}
+        assert calibration["validation_micro_f1"] >= calibration["transformer_validation_micro_f1"]
+        assert results["shipped_beam"]["num_beams"] == 3 and set(results["shipped_beam"]) == METRICS | {"num_beams"}
     else:
-        assert "decoding_bias" not in metrics
+        assert "shipped_beam" not in results
+    if head == "threshold":  # the validation threshold is folded into the classifier's bias
+        assert set(calibration) == {"threshold", "lexical_scale", "validation_micro_f1"}
+        threshold = calibration["threshold"]
+        best = load_file(out / "best_model" / "model.safetensors")
+        torch.testing.assert_close(
+            weights["classifier.bias"], best["classifier.bias"] - math.log(threshold / (1 - threshold))
+        )
 
-    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    # the card: metadata with the shipped metrics, the head, and every code file of the folder
+    card = (out / "README.md").read_text()
+    assert "model-index" in card and f"{shipped['micro_f1']:.4f}" in card
+    assert config["architectures"][0] in card
+    named = code_warning(card)
+    assert named == {p.name for p in out.glob("*.py")}
+    assert {"configuration_labelformer.py", "modeling_labelformer.py", "prediction_labelformer.py"} <= named
 
-    auto = AutoModelForSeq2SeqLM if head == "generation" else AutoModelForSequenceClassification
-    model = auto.from_pretrained(out)
-    predictions = model.predict_labels(["Wheat and corn exports rose", "Net profit up 10 pct"])
-    assert len(predictions) == 2 and all(isinstance(p, list) and p for p in predictions)
 
-
-def test_no_label_names_leaves_them_out(tmp_path, data_files, tokenizer_dir):
-    out = tmp_path / "run"
-    run([*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--head", "threshold",
-         "--epochs", "1", "--no-label_names", "--no-lexical_scorer", "--skip_test",
-         "--output_dir", str(out)])  # fmt: skip
+def test_the_shipped_folder_reloads_as_remote_code_and_scores_its_metrics(trained, data_files, tmp_path):
+    """A fresh process with only `transformers` and the folder predicts what test_metrics.json reports."""
+    head, out, _ = trained
+    auto = "AutoModelForSequenceClassification" if head == "threshold" else "AutoModelForSeq2SeqLM"
+    result = run_isolated(
+        f"""
+        import json
+        import torch
+        from transformers import {auto}
+        torch.set_num_threads(1)  # as the training run (OMP_NUM_THREADS=1): the same float rounding
+        model = {auto}.from_pretrained({str(out)!r}, trust_remote_code=True)
+        texts = [json.loads(line)["body"] for line in open({data_files["test"]!r})]
+        predicted = model.predict_labels(texts, batch_size=64, allow_empty=True)
+        print(json.dumps({{"class": type(model).__name__, "module": type(model).__module__, "predicted": predicted}}))
+        """,
+        cwd=tmp_path,
+    )
     config = json.loads((out / "config.json").read_text())
-    assert config["label_name_token_ids"] is None and config["label_name_bias"] == 0.0
-    assert not config["lexical_scorer"] and "lexical_label_scorer.idf" not in load_file(out / "model.safetensors")
+    assert result["class"] == config["architectures"][0]
+    assert not result["module"].startswith("modeling.")  # the folder's own code, not our package
+    references = [json.loads(line)["topics"] for line in Path(data_files["test"]).read_text().splitlines()]
+    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    metrics = compute_multilabel_metrics(result["predicted"], references, labels=labels)
+    shipped = json.loads((out / "test_metrics.json").read_text())["shipped"]
+    assert metrics["micro_f1"] == shipped["micro_f1"]
+    assert metrics == pytest.approx(shipped, rel=0, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume and multi-process training
+# ---------------------------------------------------------------------------------------------
 
 
 def final_checkpoint(out: Path) -> Path:
     return max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-@pytest.mark.parametrize(
-    "batching", [["--no-group_by_length"], ["--group_by_length", "--lexical_stacking", "3"]], ids=["plain", "grouped"]
-)
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, tokenizer_dir, batching):
-    # the second case also stacks out-of-fold lexical margins: a resumed run must get the same ones
-    common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "2", *batching,
-              "--save_every_steps", "5", "--label_order", "random",
-              "--scheduled_sampling", "0.3", "--save_total_limit", "10", "--ema_decay", "0.9"]  # fmt: skip
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, fixed_tokenizer_script):
+    # random label orders, scheduled sampling, dropout (0.1) and weight averaging all draw random numbers
+    common = [*TINY, *data_args(data_files), "--save_every_steps", "3", "--label_order", "random",
+              "--scheduled_sampling", "0.3", "--ema_decay", "0.9", "--num_beams", "1"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run([*common, "--output_dir", str(straight)])
-    # 16 batches per epoch: step 20 is mid-epoch 2, after a checkpoint at 15 and one at epoch end (16)
-    run([*common, "--output_dir", str(resumed), "--stop_after_steps", "20"])
+    run([*common, "--output_dir", str(straight)], script=fixed_tokenizer_script)
+    # step 14 is mid-epoch 2; the newest checkpoint then is step 12, so steps 13-14 are run again
+    run([*common, "--output_dir", str(resumed), "--stop_after_steps", "14"], script=fixed_tokenizer_script)
     assert not (resumed / "test_metrics.json").exists()
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-9"]
     # a half-written checkpoint (a kill during a save) is never picked up
-    (resumed / "checkpoints" / ".tmp-checkpoint-25").mkdir()
-    proc = run([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
-    assert "resumed from" in proc.stderr and "checkpoint-20" in proc.stderr
+    (resumed / "checkpoints" / ".tmp-checkpoint-15").mkdir()
+    proc = run([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"],
+               script=fixed_tokenizer_script)  # fmt: skip
+    assert "resumed from" in proc.stderr and "checkpoint-12 (epoch 1, step 12)" in proc.stderr
 
-    def losses(out: Path) -> list[tuple[int, float]]:
-        return [(h["step"], h["loss"]) for h in json.loads((out / "history.json").read_text()) if "loss" in h]
-
-    assert losses(resumed) == losses(straight)
-    a, b = (
-        load_file(final_checkpoint(straight) / "model.safetensors"),
-        load_file(final_checkpoint(resumed) / "model.safetensors"),
-    )
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    history = {out: json.loads((out / "history.json").read_text()) for out in (straight, resumed)}
+    assert len(losses(history[straight])) == 2 * STEPS_PER_EPOCH
+    assert history[resumed] == history[straight]  # every loss and validation score, exactly
+    for name in ("model.safetensors", "weight_average.safetensors"):
+        a, b = load_file(final_checkpoint(straight) / name), load_file(final_checkpoint(resumed) / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)  # the shipped model
     assert json.loads((resumed / "test_metrics.json").read_text()) == json.loads(
         (straight / "test_metrics.json").read_text()
     )
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_files, tokenizer_dir):
-    common = [
-        *TINY,
-        *data_args(data_files),
-        "--tokenizer_name_or_path",
-        tokenizer_dir,
-        "--max_steps",
-        "6",
-        "--epochs",
-        "1",
-        "--dropout",
-        "0",
-        "--cpu",
-    ]
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_files, fixed_tokenizer_script):
+    common = [*TINY, *data_args(data_files), "--epochs", "1", "--dropout", "0", "--no-lexical_scorer",
+              "--num_beams", "1", "--show_examples", "0"]  # fmt: skip
     single, double = tmp_path / "single", tmp_path / "double"
-    run([*common, "--output_dir", str(single), "--batch_size", "8"])
-    # torchrun starts 2 CPU processes; Accelerate sees WORLD_SIZE=2 and trains with gloo (MULTI_CPU)
+    run([*common, "--output_dir", str(single), "--batch_size", "16"], script=fixed_tokenizer_script)
+    # torchrun starts 2 CPU processes; with ACCELERATE_USE_CPU (what `accelerate launch --cpu` sets)
+    # Accelerate sees WORLD_SIZE=2 and trains with gloo (MULTI_CPU)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    double_args = [*common, "--output_dir", str(double), "--batch_size", "4"]
+    double_args = [*common, "--output_dir", str(double), "--batch_size", "8"]
+    kwargs = dict(launcher=launcher, timeout=300, script=fixed_tokenizer_script, env={"ACCELERATE_USE_CPU": "true"})
     try:
-        proc = run(double_args, launcher=launcher, timeout=300)
+        proc = run(double_args, **kwargs)
     except subprocess.TimeoutExpired:
         # the gloo teardown deadlock that quiesce_process_group guards against is rare and outside
         # our code; should it strike anyway, one more run tells a hang from a broken feature
         shutil.rmtree(double, ignore_errors=True)
-        proc = run(double_args, launcher=launcher, timeout=300)
+        proc = run(double_args, **kwargs)
     assert "2 process(es) (DistributedType.MULTI_CPU)" in proc.stderr
 
-    def losses(out: Path) -> list[float]:
-        return [h["loss"] for h in json.loads((out / "history.json").read_text()) if "loss" in h]
-
-    assert len(losses(single)) == 6
-    assert losses(double) == pytest.approx(losses(single), rel=1e-4, abs=1e-5)
-    a, b = (
-        load_file(final_checkpoint(single) / "model.safetensors"),
-        load_file(final_checkpoint(double) / "model.safetensors"),
+    history = {out: json.loads((out / "history.json").read_text()) for out in (single, double)}
+    assert [step for step, _ in losses(history[single])] == list(range(1, STEPS_PER_EPOCH + 1))
+    assert [step for step, _ in losses(history[double])] == list(range(1, STEPS_PER_EPOCH + 1))
+    assert [loss for _, loss in losses(history[double])] == pytest.approx(
+        [loss for _, loss in losses(history[single])], rel=1e-4, abs=1e-5
     )
+    a, b = (load_file(final_checkpoint(out) / "model.safetensors") for out in (single, double))
+    assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    # the test split, sharded over the two processes and gathered in order, is scored in full
+    assert set(json.loads((double / "test_metrics.json").read_text())["shipped"]) == METRICS
 
 
-def test_bad_input_gives_clear_errors(tmp_path, data_files):
-    out = str(tmp_path / "out")
-    cases = [
-        (["--train_file", str(tmp_path / "nope.jsonl")], "does not exist"),
-        (["--train_file", data_files["train"], "--label_column", "topics"], "no column 'text'"),
-    ]
+# ---------------------------------------------------------------------------------------------
+# Flags and failures (in this process: no subprocess start-up)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def script():
+    """The script as a module; Accelerate's process-wide state is reset after each use."""
+    yield load_script()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_presets_fill_in_what_the_flags_leave_open(script):
+    args = script.parse_args(["--preset", "tiny", "--output_dir", "x", "--d_model", "48", "--epochs", "3"])
+    assert (args.d_model, args.epochs) == (48, 3)  # flags win
+    assert (args.vocab_size, args.encoder_layers, args.max_train_samples, args.batch_size) == (500, 1, 300, 16)
+    assert args.dropout == 0.1 and args.ema_decay == 0.0  # from the defaults, which no preset sets
+    plain = script.parse_args(["--output_dir", "x"])
+    assert (plain.vocab_size, plain.d_model, plain.max_train_samples) == (16000, 256, None)
+    assert plain.head == "generation" and plain.lexical_scorer and plain.num_beams == 3
+    assert not script.parse_args(["--output_dir", "x", "--no-lexical_scorer"]).lexical_scorer
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--batch_size", "0"], "--batch_size must be >= 1"),
+        (["--num_beams", "0"], "--num_beams must be >= 1"),
+        (["--max_labels", "0"], "--max_labels must be >= 1"),
+        (["--stop_after_steps", "0"], "--stop_after_steps must be >= 1"),
+        (["--save_every_steps", "-1"], "--save_every_steps must be"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
+        (["--learning_rate=-1e-3"], "--learning_rate must be a finite number > 0"),
+        (["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
+        (["--head", "ensemble"], "--head: invalid choice"),
+        (["--preset", "huge"], "--preset: invalid choice"),
+        (["--label_order", "length"], "--label_order: invalid choice"),
+        (["--encoder_lr_scale", "0.1"], "unrecognized arguments: --encoder_lr_scale"),  # removed flags
+        (["--lexical_stacking", "2"], "unrecognized arguments: --lexical_stacking"),
+    ],
+)
+def test_bad_flags_are_argparse_errors_naming_the_flag(script, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--output_dir", "x", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args([])
+    assert "the following arguments are required: --output_dir" in capsys.readouterr().err
+
+
+def test_bad_input_gives_clear_errors(script, capsys, tmp_path, data_files):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "a", "labels": 5}) + "\n")
-    cases.append((["--train_file", str(bad)], "labels must be a list of strings or a string"))
-    cases.append((["--encoder_lr_scale", "0"], "--encoder_lr_scale must be > 0"))
-    cases.append((["--lexical_c", "0"], "--lexical_c must be > 0"))
-    cases.append((["--lexical_stacking", "-1"], "--lexical_stacking must be a finite number >= 0"))
-    cases.append((["--lexical_stacking", "2", "--no-lexical_scorer"], "--lexical_stacking needs the lexical scorer"))
-    cases.append((["--head", "parallel", "--lexical_scorer"], "--lexical_scorer is for the threshold and generation"))
-    for extra, message in cases:
-        proc = run([*TINY, *extra, "--output_dir", out, "--overwrite_output_dir"], check=False)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    (tmp_path / "data.txt").write_text("text\tlabels\n")
+    not_a_checkpoint = tmp_path / "not_a_checkpoint"
+    not_a_checkpoint.mkdir()
+    data = data_args(data_files)
+    cases = [
+        (["--train_file", str(tmp_path / "nope.jsonl")], "does not exist"),
+        (["--train_file", str(tmp_path / "data.txt")], "the extension must be one of"),
+        (["--train_file", data_files["train"], "--label_column", "topics"], "has no column 'text'"),
+        (["--train_file", str(bad)], "labels must be a list of strings or a string"),
+        ([*data, "--dropout", "1.5"], "`dropout` must be a number in [0, 1)"),
+        ([*data, "--attention_heads", "3"], "must be divisible by `encoder_attention_heads` (3)"),
+        ([*data, "--vocab_size", "8"], "`vocab_size` must be at least 16"),
+        ([*data, "--resume_from_checkpoint", "latest"], "no checkpoint in"),
+        ([*data, "--resume_from_checkpoint", str(not_a_checkpoint)], "is not a checkpoint folder"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert script.main([*TINY, *extra, "--output_dir", str(out), "--overwrite_output_dir"]) == 2, extra
+        err = capsys.readouterr().err
+        assert "error: " in err and message in err, (extra, err[-2000:])
     full = tmp_path / "full"
     full.mkdir()
     (full / "something.txt").write_text("keep me")
-    proc = run([*TINY, *data_args(data_files), "--output_dir", str(full)], check=False)
-    assert proc.returncode == 2 and "is not empty" in proc.stderr and (full / "something.txt").exists()
+    assert script.main([*TINY, *data, "--output_dir", str(full)]) == 2
+    assert "is not empty" in capsys.readouterr().err and (full / "something.txt").read_text() == "keep me"
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, data_files):
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(script, capsys, tmp_path, data_files):
     out = tmp_path / "nan"
-    args = [*TINY, *data_args(data_files), "--output_dir", str(out), "--save_every_steps", "2", "--epochs", "1"]
-    proc = run([*args, "--learning_rate", "1e30", "--warmup_ratio", "0", "--max_grad_norm", "0"], check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "training loss became nan" in proc.stderr or "training loss became inf" in proc.stderr
-    assert "resume with --resume_from_checkpoint latest" in proc.stderr
+    argv = [*TINY, *data_args(data_files), "--output_dir", str(out), "--save_every_steps", "1",
+            "--learning_rate", "1e30"]  # fmt: skip
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err
+    found = re.search(r"The training loss became (nan|inf|-inf) at step (\d+)", err)
+    assert found, err[-2000:]
+    step = int(found.group(2))
+    assert step >= 2 and f"checkpoint-{step - 1}" in err and "--resume_from_checkpoint latest" in err
+    assert (out / "checkpoints" / f"checkpoint-{step - 1}" / "trainer_state.json").is_file()
+    assert not (out / "checkpoints" / f"checkpoint-{step}").exists() and not (out / "test_metrics.json").exists()
 
 
 def test_atomic_directory_keeps_the_old_copy_when_a_write_fails(tmp_path):
@@ -269,93 +413,3 @@ def test_example_accelerate_configs_parse(name):
         import modeling.modeling_labelformer as modeling_module
 
         assert all(hasattr(modeling_module, layer) for layer in layers)
-
-
-def test_init_encoder_from_a_threshold_run(tmp_path, data_files, tokenizer_dir):
-    common = [*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "1",
-              "--label_name_feature"]  # fmt: skip
-    run([*common, "--head", "threshold", "--output_dir", str(tmp_path / "threshold")])
-    # learning rate 0: the generator's saved encoder (and learned label-name weights) must be the threshold head's
-    run([*common, "--output_dir", str(tmp_path / "generation"), "--init_encoder_from", str(tmp_path / "threshold"),
-         "--learning_rate", "0", "--num_beams", "1", "--global_label_logits"])  # fmt: skip
-    source = load_file(tmp_path / "threshold" / "model.safetensors")
-    target = load_file(tmp_path / "generation" / "model.safetensors")
-    encoder_keys = [k for k in source if k.startswith("encoder.")]
-    assert encoder_keys
-    for key in encoder_keys:
-        torch.testing.assert_close(target[f"model.{key}"], source[key], rtol=0, atol=0)
-    assert source["label_name_evidence.shared"] != 1.0, "one epoch of training left the shared name weight alone"
-    for key in ("label_name_evidence.shared", "label_name_evidence.weight"):
-        torch.testing.assert_close(target[key], source[key], rtol=0, atol=0)
-    for key in ("weight", "bias"):  # the threshold classifier starts the document-level label logits
-        torch.testing.assert_close(target[f"auxiliary_classifier.{key}"], source[f"classifier.{key}"], rtol=0, atol=0)
-    proc = run([*common, "--output_dir", str(tmp_path / "bad"), "--init_encoder_from", str(tmp_path / "threshold"),
-                "--d_model", "48", "--attention_heads", "4"], check=False)  # fmt: skip
-    assert proc.returncode == 2 and "does not fit this model" in proc.stderr
-    proc = run([*common, "--output_dir", str(tmp_path / "bad2"), "--no-label_names"], check=False)
-    assert proc.returncode == 2 and "--label_name_feature needs --label_names" in proc.stderr
-    proc = run([*common, "--output_dir", str(tmp_path / "bad3"), "--head", "threshold", "--global_label_logits"],
-               check=False)  # fmt: skip
-    assert proc.returncode == 2 and "--global_label_logits is for --head generation" in proc.stderr
-
-
-@pytest.mark.parametrize("head", ["generation", "threshold"])
-def test_encoder_lr_scale_gives_the_encoder_its_own_learning_rate(head):
-    import argparse
-    import importlib.util
-
-    from modeling import LabelformerForMultiLabelClassification, LabelformerForMultiLabelGeneration
-
-    from .synthetic import synthetic_config
-
-    spec = importlib.util.spec_from_file_location("train_multilabel_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    model_class = LabelformerForMultiLabelGeneration if head == "generation" else LabelformerForMultiLabelClassification
-    model = model_class(synthetic_config())
-    args = argparse.Namespace(learning_rate=1e-3, weight_decay=0.01, encoder_lr_scale=0.1)
-    optimizer = script.make_optimizer(model, args, torch.device("cpu"))
-    names = {id(p): n for n, p in model.named_parameters()}
-    encoder = {id(p) for p in model.get_encoder().parameters()}
-    seen = []
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            seen.append(id(param))
-            assert group["lr"] == pytest.approx(1e-4 if id(param) in encoder else 1e-3), names[id(param)]
-            no_decay = param.ndim < 2 or "embed" in names[id(param)]
-            assert group["weight_decay"] == (0.0 if no_decay else 0.01), names[id(param)]
-    assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)
-    assert any(id(p) not in encoder for p in model.parameters())  # the head/decoder keeps the full rate
-    one_rate = argparse.Namespace(**{**vars(args), "encoder_lr_scale": 1.0})
-    default = script.make_optimizer(model, one_rate, torch.device("cpu"))
-    assert [g["weight_decay"] for g in default.param_groups] == [0.01, 0.0]  # the layout of older checkpoints
-
-
-@pytest.mark.parametrize("head", ["generation", "threshold"])
-def test_skip_test_leaves_the_test_split_alone_and_still_saves_everything(tmp_path, data_files, tokenizer_dir, head):
-    """--skip_test (tuning runs): no test metrics, but the model, history and (generator) fitted bias."""
-    out = tmp_path / head
-    proc = run([*TINY, *data_args(data_files), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "1",
-                "--head", head, "--output_dir", str(out), "--skip_test"])  # fmt: skip
-    assert "Test metrics" not in proc.stdout
-    assert [h["epoch"] for h in json.loads((out / "history.json").read_text()) if "epoch" in h] == [1]
-    assert (out / "model.safetensors").is_file() and not (out / "per_label_metrics.md").exists()
-    if head == "generation":  # only the decoding bias fit on validation
-        assert set(json.loads((out / "test_metrics.json").read_text())) == {"decoding_bias"}
-    else:
-        assert not (out / "test_metrics.json").exists()
-
-
-def test_the_lexical_scorer_is_on_by_default_where_the_head_has_one():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_multilabel_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    defaults = {head: script.parse_args(["--head", head, "--output_dir", "x"]) for head in ("generation", "threshold",
-                                                                                              "parallel")}  # fmt: skip
-    assert {head: args.lexical_scorer for head, args in defaults.items()} == {
-        "generation": True, "threshold": True, "parallel": False,
-    }  # fmt: skip
-    assert defaults["generation"].lexical_c == 3.0
-    assert not script.parse_args(["--output_dir", "x", "--no-lexical_scorer"]).lexical_scorer
