@@ -1,217 +1,106 @@
-"""Multi-label heads: constrained decoding, targets, predict_labels, threshold head, learning."""
+"""The threshold head: logits > 0 decide, the folded threshold, pooling, loss, predict_labels, learning."""
 
 from __future__ import annotations
 
-import random
+import math
 
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 
-from modeling import (
-    LabelformerConfig,
-    LabelformerEnsemble,
-    LabelformerForMultiLabelClassification,
-    LabelformerForMultiLabelGeneration,
-    MultiLabelCollator,
-    train_tokenizer,
-)
-from modeling.data_labelformer import label_target, order_labels
-from modeling.multilabel_labelformer import allowed_label_tokens, label_set_bce, threshold_decisions
+from modeling import LabelformerConfig, LabelformerForMultiLabelClassification, train_tokenizer
 
-from .synthetic import LABELS, NUM_CLASSES, check_fast_greedy_matches_generate, synthetic_batch, synthetic_config
-
-SPECIAL = 3
+from .synthetic import LABELS, NUM_CLASSES, synthetic_batch, synthetic_config
+from .test_generation_labelformer import train_synthetic
 
 
-def check_label_sequences(sequences: torch.Tensor, config: LabelformerConfig, max_new_tokens: int) -> None:
-    """Every generated row is a valid label set: labels only, no repeats, EOS rules, then padding."""
-    for row in sequences.tolist():
-        assert row[0] == config.decoder_start_token_id
-        body = row[1:]
-        labels = []
-        for i, token in enumerate(body):
-            if token == config.eos_token_id:
-                # beam search fills finished rows with EOS when pad_token_id is 0 (`pad or eos` upstream)
-                assert all(t in (config.pad_token_id, config.eos_token_id) for t in body[i + 1 :]), row
-                break
-            assert token >= SPECIAL, f"non-label token {token} in {row}"
-            labels.append(token)
-        else:
-            assert len(body) == max_new_tokens
-        assert len(labels) == len(set(labels)), f"repeated label in {row}"
-        assert len(labels) <= config.effective_max_labels
-        if len(labels) < len(body):  # stopped with EOS
-            assert len(labels) >= min(config.min_labels, config.num_labels)
+def threshold_head(**overrides) -> LabelformerForMultiLabelClassification:
+    torch.manual_seed(0)
+    return LabelformerForMultiLabelClassification(synthetic_config(init_std=0.5, **overrides)).eval()
 
 
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize(
-    "mode", [{"num_beams": 1}, {"num_beams": 4}, {"num_beams": 1, "do_sample": True, "temperature": 3.0}]
-)
-@pytest.mark.parametrize("limits", [{}, {"min_labels": 2, "max_labels": 3}, {"min_labels": 0, "max_labels": 1}])
-def test_constrained_decoding_is_always_a_valid_label_set(seed, mode, limits):
-    torch.manual_seed(seed)
-    config = synthetic_config(init_std=0.5 + seed, **limits)  # large random weights: peaky, adversarial logits
-    model = LabelformerForMultiLabelGeneration(config).eval()
-    with torch.no_grad():  # push the raw model towards forbidden tokens: specials and one label
-        model.lm_head.weight[: SPECIAL + 1] *= 20
-    ids, _ = synthetic_batch(6, 12, torch.Generator().manual_seed(seed))
-    sequences = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, **mode)
-    check_label_sequences(sequences, config, 12)
+def test_logits_loss_and_config():
+    model = threshold_head()
+    assert model.config.problem_type == "multi_label_classification"
+    ids, label_sets = synthetic_batch(4, 12, torch.Generator().manual_seed(0))
+    targets = torch.zeros(4, NUM_CLASSES)
+    for row, labels in enumerate(label_sets):
+        targets[row, [LABELS.index(label) for label in labels]] = 1
+    out = model(input_ids=ids, labels=targets)
+    assert out.logits.shape == (4, NUM_CLASSES)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, targets)
+    torch.testing.assert_close(out.loss, expected)
 
 
-def test_allowed_tokens_worked_example():
-    # vocab: pad bos eos + labels 3..6; prefix [bos, 4, 6]
-    allowed = allowed_label_tokens(torch.tensor([[1, 4, 6]]), 7, min_labels=2, max_labels=3)[0]
-    assert allowed[0].tolist() == [False, False, False, True, True, True, True]  # after bos: any label, no EOS
-    assert allowed[1].tolist() == [False, False, False, True, False, True, True]  # 1 label: EOS still banned
-    assert allowed[2].tolist() == [False, False, True, True, False, True, False]  # 2 labels: EOS ok
-    at_max = allowed_label_tokens(torch.tensor([[1, 3, 4, 5]]), 7, min_labels=1, max_labels=3)[0, -1]
-    assert at_max.tolist() == [False, False, True, False, False, False, False]  # max reached: only EOS
-
-
-def test_generation_respects_max_labels_even_when_the_model_never_stops():
-    config = synthetic_config(max_labels=2)
-    model = LabelformerForMultiLabelGeneration(config).eval()
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_pooling_ignores_padding(pooling):
+    model = threshold_head(classifier_pooling=pooling)
+    ids, _ = synthetic_batch(3, 10, torch.Generator().manual_seed(1))
+    padded = torch.cat([ids, torch.zeros(3, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(3, 4, dtype=torch.long)], dim=1)
     with torch.no_grad():
-        model.lm_head.weight[config.eos_token_id] = -10 * model.lm_head.weight[3:].mean(0)
-    ids, _ = synthetic_batch(4, 10, torch.Generator().manual_seed(0))
-    sequences = model.generate(input_ids=ids)
-    assert sequences.shape[1] <= 1 + 2 + 1
-    check_label_sequences(sequences, config, config.effective_max_labels + 1)
-    assert (sequences[:, 1:3] >= SPECIAL).all()
+        plain = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        torch.testing.assert_close(model(input_ids=padded, attention_mask=mask).logits, plain, atol=1e-5, rtol=1e-4)
+        states = model.encoder(ids).last_hidden_state
+    pooled = states[:, 0] if pooling == "first" else states.mean(1)
+    torch.testing.assert_close(plain, model.classifier(pooled), atol=1e-5, rtol=1e-4)
 
 
-def test_label_orders():
-    label2id = {"earn": 0, "acq": 1, "grain": 2, "wheat": 3}
-    labels = ["wheat", "earn", "grain"]
-    assert order_labels(labels, label2id, "frequency") == [0, 2, 3]
-    assert order_labels(labels, label2id, "alphabetical") == [0, 2, 3]  # earn, grain, wheat
-    assert order_labels(["wheat", "acq"], label2id, "alphabetical") == [1, 3]
-    seen = {tuple(order_labels(labels, label2id, "random", random.Random(s))) for s in range(30)}
-    assert len(seen) > 1 and all(sorted(p) == [0, 2, 3] for p in seen)
-    assert label_target([0, 2, 3]) == [3, 5, 6, 2]
+def test_fold_threshold_makes_logits_above_zero_decide_like_the_threshold(tmp_path):
+    model = threshold_head()
+    ids, _ = synthetic_batch(64, 12, torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before = torch.sigmoid(model(input_ids=ids).logits)
+    bias = model.classifier.bias.detach().clone()
+    for threshold in (0.3, 0.4):  # folded one after the other: their logits add up
+        model.fold_threshold(threshold)
+    torch.testing.assert_close(model.classifier.bias, bias - math.log(0.3 / 0.7) - math.log(0.4 / 0.6))
+    model.classifier.bias.data.copy_(bias)
+    # a threshold in the widest gap between probabilities near the median: about half of the decisions flip
+    values = before.flatten().sort().values.double()
+    quarter = len(values) // 4
+    k = quarter + int((values[quarter + 1 : 3 * quarter] - values[quarter : 3 * quarter - 1]).argmax())
+    threshold = float(values[k] + values[k + 1]) / 2
+    model.fold_threshold(threshold)
+    with torch.no_grad():
+        after = torch.sigmoid(model(input_ids=ids).logits)
+    decided = after > 0.5
+    assert torch.equal(decided, before > threshold)
+    assert decided.any() and not decided.all()
+    predicted = model.predict_batch(ids, mask)
+    for row, scored in enumerate(predicted):  # predict_batch reads the same decision and probabilities
+        assert set(scored) == {LABELS[i] for i in decided[row].nonzero().flatten().tolist()}
+        assert list(scored.values()) == sorted(scored.values(), reverse=True)
+        assert list(scored.values()) == pytest.approx(sorted(after[row][decided[row]].tolist(), reverse=True))
+    model.save_pretrained(tmp_path)  # the folded threshold is part of the weights
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is LabelformerForMultiLabelClassification
+    assert loaded.predict_batch(ids, mask) == predicted
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="`threshold` must be in"):
+            model.fold_threshold(bad)
 
 
-@pytest.mark.parametrize("order", ["frequency", "alphabetical", "random"])
-def test_collator_builds_ordered_targets(order):
-    tokenizer = train_tokenizer(["alpha beta gamma delta"] * 10, vocab_size=40)
-    config = LabelformerConfig.from_labels(["z", "a", "m"], vocab_size=len(tokenizer), label_order=order)
-    collator = MultiLabelCollator(tokenizer, config, max_length=8)
-    rows = [{"text": "alpha beta", "labels": ["m", "z", "a"]}, {"text": "gamma", "labels": ["a"]}]
-    epochs = [collator(rows)["labels"] for _ in range(8)]
-    first = epochs[0]
-    assert first[1].tolist() == [1 + SPECIAL, 2, -100, -100]
-    expected = {"frequency": [3, 4, 5, 2], "alphabetical": [4, 5, 3, 2]}
-    if order == "random":
-        assert len({tuple(e[0].tolist()) for e in epochs}) > 1  # re-shuffled on every pass
-        assert all(sorted(e[0, :3].tolist()) == [3, 4, 5] and e[0, 3] == 2 for e in epochs)
-    else:
-        assert first[0].tolist() == expected[order]
-    classification = MultiLabelCollator(tokenizer, config, head="classification")(rows)["labels"]
-    assert classification.tolist() == [[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]
-
-
-def test_scheduled_sampling_replaces_gold_inputs():
-    config = synthetic_config(scheduled_sampling_prob=0.5)
-    model = LabelformerForMultiLabelGeneration(config).train()
-    ids, _ = synthetic_batch(4, 10, torch.Generator().manual_seed(0))
-    labels = torch.tensor([[3, 5, 7, 2], [4, 2, -100, -100], [6, 3, 2, -100], [9, 10, 8, 2]])
-    encoder_outputs = model.model.encoder(ids)
-    model.scheduled_sampling_probability = 0.0
-    loss_plain = model(input_ids=ids, labels=labels).loss
-    model.scheduled_sampling_probability = 1.0
-    mixed = model._scheduled_sampling_inputs(labels, encoder_outputs, None)
-    assert (mixed[:, 0] == config.decoder_start_token_id).all()
-    # inputs at positions without a loss stay gold (EOS, then padding)
-    assert mixed[1, 2:].tolist() == [2, 0] and mixed[2, 3].item() == 2
-    replaced = labels[:, 1:] != -100
-    assert (mixed[:, 1:][replaced] >= SPECIAL).all()  # every other input is the model's own label choice
-    loss_sampled = model(input_ids=ids, labels=labels).loss
-    assert torch.isfinite(loss_sampled) and loss_sampled.item() != pytest.approx(loss_plain.item())
-    loss_sampled.backward()
-
-
-def test_predict_labels_on_raw_strings_and_errors():
-    texts = ["wheat prices rise", "corn and wheat harvest", "company earnings up"]
+def test_predict_labels_on_raw_strings_is_sigmoid_above_one_half():
+    texts = ["wheat prices rise", "corn and wheat harvest", "company earnings up", "merger"]
     tokenizer = train_tokenizer(texts * 5, vocab_size=50)
     config = LabelformerConfig.from_labels(
-        ["wheat", "corn", "earn"],
-        vocab_size=len(tokenizer),
-        d_model=32,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-    )
-    for head in (LabelformerForMultiLabelGeneration(config), LabelformerForMultiLabelClassification(config)):
-        names = head.predict_labels(texts, tokenizer=tokenizer, batch_size=2)
-        scored = head.predict_labels(texts, tokenizer=tokenizer, return_scores=True)
-        assert len(names) == 3 and all(len(n) >= 1 and set(n) <= {"wheat", "corn", "earn"} for n in names)
-        assert [list(s) for s in scored] == names
-        assert all(0.0 <= p <= 1.0 for s in scored for p in s.values())
-        assert head.predict_labels("wheat prices rise", tokenizer=tokenizer) == names[:1]
-        with pytest.raises(ValueError, match="index 1 is empty"):
-            head.predict_labels(["fine", "  "], tokenizer=tokenizer)
-        with pytest.raises(ValueError, match="index 2 is a int"):
-            head.predict_labels(["fine", "ok", 3], tokenizer=tokenizer)
-        with pytest.raises(ValueError, match="needs a tokenizer"):
-            head.predict_labels(["fine"])
-    big_tokenizer = train_tokenizer(
-        ["x y z " * 40 + " ".join(f"w{i}" for i in range(200))], vocab_size=300, min_frequency=1
-    )
-    with pytest.raises(ValueError, match="does not belong to this model"):
-        head.predict_labels(["fine"], tokenizer=big_tokenizer)
-
-
-def test_generation_head_rejects_a_config_without_label_vocabulary():
-    with pytest.raises(ValueError, match="from_labels"):
-        LabelformerForMultiLabelGeneration(LabelformerConfig(vocab_size=50))
-
-
-def test_threshold_rules_and_tuning():
-    probs = torch.tensor([[0.9, 0.6, 0.1], [0.2, 0.3, 0.1], [0.7, 0.8, 0.75]])
-    assert threshold_decisions(probs, 0.5, 1, 3).tolist() == [[True, True, False], [False, True, False], [True] * 3]
-    assert threshold_decisions(probs, 0.5, 0, 2).tolist() == [[True, True, False], [False] * 3, [False, True, True]]
-    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 1]])
-    config = LabelformerConfig.from_labels(["a", "b", "c"], vocab_size=20, d_model=32, encoder_attention_heads=2)
-    head = LabelformerForMultiLabelClassification(config)
-    threshold, f1 = head.tune_threshold(probs, targets)
-    assert 0.6 < threshold <= 0.7 and f1 == 1.0
-    assert head.config.classifier_threshold == threshold
-
-
-def train_synthetic(model, steps: int, collate_labels, lr: float = 2e-3):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        ids, label_sets = synthetic_batch(64, 16, generator)
-        loss = model(input_ids=ids, labels=collate_labels(label_sets)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    return model.eval()
-
-
-def generation_targets(label_sets):
-    sequences = [label_target(sorted(LABELS.index(x) for x in labels)) for labels in label_sets]
-    out = torch.full((len(sequences), max(map(len, sequences))), -100)
-    for i, s in enumerate(sequences):
-        out[i, : len(s)] = torch.tensor(s)
-    return out
-
-
-@pytest.mark.parametrize("overrides", [{"norm_position": "pre"}, {"norm_position": "post", "init_std": 0.05}])
-def test_generation_head_learns_varying_label_counts(overrides):
-    model = LabelformerForMultiLabelGeneration(synthetic_config(**overrides))
-    model = train_synthetic(model, 300, generation_targets)
-    ids, gold = synthetic_batch(300, 16, torch.Generator().manual_seed(99))
-    assert {len(g) for g in gold} == {1, 2, 3}
-    for num_beams in (1, 3):
-        predicted = model.predict_batch(ids, torch.ones_like(ids), num_beams=num_beams)
-        exact = sum(set(p) == set(g) for p, g in zip(predicted, gold)) / len(gold)
-        assert exact >= 0.9, f"exact match {exact:.3f} with {num_beams} beams"
+        ["wheat", "corn", "earn"], vocab_size=len(tokenizer), d_model=32, encoder_attention_heads=2,
+        decoder_attention_heads=2, init_std=0.5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LabelformerForMultiLabelClassification(config).eval()
+    scored = model.predict_labels(texts, tokenizer=tokenizer, batch_size=3, return_scores=True)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = torch.sigmoid(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    for row, labels in enumerate(scored):
+        assert set(labels) == {config.id2label[i] for i in (probs[row] > 0.5).nonzero().flatten().tolist()}
+        want = sorted(probs[row][probs[row] > 0.5].tolist(), reverse=True)
+        assert list(labels.values()) == pytest.approx(want, abs=1e-5)  # batched with other padding: float noise
+    assert any(scored) and not all(len(labels) == 3 for labels in scored)  # an informative case
+    assert model.predict_labels(texts, tokenizer=tokenizer) == [list(labels) for labels in scored]
 
 
 def test_threshold_head_learns():
@@ -226,139 +115,3 @@ def test_threshold_head_learns():
     predicted = model.predict_batch(ids, torch.ones_like(ids), 1)
     exact = sum(set(p) == set(g) for p, g in zip(predicted, gold)) / len(gold)
     assert exact >= 0.9, f"exact match {exact:.3f}"
-
-
-@pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("limits", [{}, {"min_labels": 2, "max_labels": 3}, {"min_labels": 0}])
-def test_fast_greedy_path_matches_generate(seed, limits):
-    """`greedy_labels` (running state, no generate) == generate() + LabelSetLogitsProcessor + rescoring."""
-    torch.manual_seed(seed)
-    model = LabelformerForMultiLabelGeneration(synthetic_config(init_std=0.3, **limits)).eval()
-    ids, _ = synthetic_batch(6, 12, torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[-1, -4:] = 0
-    check_fast_greedy_matches_generate(model, ids, mask)
-
-
-def test_generate_shows_the_decoder_vocabulary_size_while_it_runs():
-    # transformers 5.17 sizes beam scores by `config.get_text_config().vocab_size`; with a label
-    # vocabulary smaller than the text vocabulary that broke beam search (shape error).
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    model = LabelformerForMultiLabelGeneration(synthetic_config()).eval()
-    assert model.config.vocab_size != model.config.decoder_vocab_size
-    seen = []
-
-    class Record(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            seen.append((model.config.get_text_config().vocab_size, scores.shape[-1]))
-            return scores
-
-    ids, _ = synthetic_batch(3, 12, torch.Generator().manual_seed(0))
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=3,
-                   logits_processor=LogitsProcessorList([Record()]))  # fmt: skip
-    assert seen and all(vocab == width for vocab, width in seen)
-    assert model.config.vocab_size != model.config.decoder_vocab_size  # restored afterwards
-
-
-def test_auxiliary_bce_loss_reads_the_label_sets_and_round_trips(tmp_path):
-    config = synthetic_config(auxiliary_bce_weight=0.5)
-    model = LabelformerForMultiLabelGeneration(config).eval()
-    ids, _ = synthetic_batch(2, 10, torch.Generator().manual_seed(1))
-    # row 0: labels 0 and 4 then EOS; row 1: label 2, EOS, padding
-    labels = torch.tensor([[3, 7, 2], [5, 2, -100]])
-    plain = LabelformerForMultiLabelGeneration(synthetic_config())
-    plain.load_state_dict(model.state_dict(), strict=False)
-    plain.eval()
-    sequence_loss = plain(input_ids=ids, labels=labels).loss
-    # logits that are confidently right about exactly these sets cost (almost) nothing ...
-    right = torch.full((2, config.num_labels), -30.0)
-    right[0, [0, 4]] = 30.0
-    right[1, 2] = 30.0
-    assert label_set_bce(right, labels) < 1e-6
-    assert label_set_bce(right.flip(0), labels) > 1.0
-    # ... and an uninformed classifier adds weight * log(2) to the sequence loss
-    with torch.no_grad():
-        model.auxiliary_classifier.weight.zero_()
-        model.auxiliary_classifier.bias.zero_()
-    total = model(input_ids=ids, labels=labels).loss
-    torch.testing.assert_close(total, sequence_loss + 0.5 * torch.log(torch.tensor(2.0)))
-    total.backward()
-    assert model.auxiliary_classifier.weight.grad.abs().sum() > 0
-    model.save_pretrained(tmp_path)
-    loaded = LabelformerForMultiLabelGeneration.from_pretrained(tmp_path)
-    torch.testing.assert_close(loaded.auxiliary_classifier.bias, model.auxiliary_classifier.bias)
-    with pytest.raises(ValueError, match="auxiliary_bce_weight"):
-        synthetic_config(auxiliary_bce_weight=-1.0)
-
-
-def global_model(seed: int, strength: float = 4.0, **overrides) -> LabelformerForMultiLabelGeneration:
-    """A generator with document-level label logits strong enough to change its decisions."""
-    torch.manual_seed(seed)
-    model = LabelformerForMultiLabelGeneration(synthetic_config(global_label_logits=True, **overrides)).eval()
-    with torch.no_grad():
-        model.auxiliary_classifier.weight.normal_(0.0, strength)
-    return model
-
-
-def test_global_label_logits_enter_the_loss_and_every_decoding_path_once(tmp_path):
-    model = global_model(seed=21)
-    plain = LabelformerForMultiLabelGeneration(synthetic_config()).eval()
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-    assert not missing and unexpected == ["auxiliary_classifier.weight", "auxiliary_classifier.bias"]
-    ids, _ = synthetic_batch(8, 12, torch.Generator().manual_seed(21))
-    mask = torch.ones_like(ids)
-    mask[0, 9:] = 0
-    labels = torch.tensor([[5, 3, 2]] * len(ids))
-    with torch.no_grad():
-        states = model.model.encoder(ids, mask).last_hidden_state
-        pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        document = torch.nn.functional.pad(model.auxiliary_classifier(pooled), (SPECIAL, 0))  # [b, v]
-        torch.testing.assert_close(model.global_row_bias(states, mask), document)
-        logits = model(input_ids=ids, attention_mask=mask, labels=labels).logits
-        want = plain(input_ids=ids, attention_mask=mask, labels=labels).logits + document[:, None, :]
-        torch.testing.assert_close(logits, want)
-        expected = torch.nn.functional.cross_entropy(want.reshape(-1, want.shape[-1]), labels.reshape(-1))
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=labels).loss, expected)
-        assert model.predict_batch(ids, mask) != plain.predict_batch(ids, mask)  # the term decides
-        embedded = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask, labels=labels)
-        torch.testing.assert_close(embedded.logits, want)  # also from embeddings alone
-    # the sequence loss alone trains the classifier (no auxiliary BCE)
-    model.train()
-    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    assert model.auxiliary_classifier.weight.grad.abs().sum() > 0
-    model.eval()
-    # fast greedy (static decoder) == generate() rescored by label_scores: each adds the term exactly once
-    fast = check_fast_greedy_matches_generate(model, ids, mask)
-    with torch.no_grad():
-        assert LabelformerEnsemble([model]).predict_batch(ids, mask) == fast
-        assert LabelformerEnsemble([model, model]).predict_batch(ids, mask, 3) == model.predict_batch(ids, mask, 3)
-    model.save_pretrained(tmp_path)
-    loaded = LabelformerForMultiLabelGeneration.from_pretrained(tmp_path).eval()
-    assert loaded.config.global_label_logits is True
-    with torch.no_grad():
-        assert loaded.predict_batch(ids, mask) == fast
-
-
-def test_global_label_logits_with_the_auxiliary_bce_train_what_decoding_adds():
-    """With both on, the auxiliary BCE scores the document-level logits that decoding adds."""
-    model = global_model(seed=22, auxiliary_bce_weight=2.0)
-    ids, _ = synthetic_batch(4, 10, torch.Generator().manual_seed(22))
-    labels = torch.tensor([[3, 7, 2], [5, 2, -100], [4, 2, -100], [6, 3, 2]])
-    with torch.no_grad():
-        total = model(input_ids=ids, labels=labels).loss
-        document = model.global_row_bias(model.model.encoder(ids).last_hidden_state, None)[:, SPECIAL:]
-        model.config.auxiliary_bce_weight = 0.0
-        sequence = model(input_ids=ids, labels=labels).loss
-    torch.testing.assert_close(total, sequence + 2.0 * label_set_bce(document, labels))
-
-
-def test_global_label_logits_are_refused_where_they_make_no_sense():
-    from modeling import LabelformerForParallelLabelGeneration
-
-    with pytest.raises(ValueError, match="`global_label_logits` must be True or False"):
-        synthetic_config(global_label_logits=1)
-    with pytest.raises(ValueError, match="threshold head is that document-level classifier"):
-        LabelformerForMultiLabelClassification(synthetic_config(global_label_logits=True))
-    with pytest.raises(ValueError, match="parallel head does not support `global_label_logits`"):
-        LabelformerForParallelLabelGeneration(synthetic_config(global_label_logits=True))

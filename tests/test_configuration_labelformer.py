@@ -1,6 +1,8 @@
-"""LabelformerConfig: defaults, validation messages, serialisation."""
+"""LabelformerConfig: defaults, validation messages, label configs, serialisation."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 
@@ -17,17 +19,22 @@ from .conftest import tiny_config
         ({"activation_function": "swish"}, "activation_function"),
         ({"dropout": 1.0}, "dropout"),
         ({"attention_dropout": -0.1}, "attention_dropout"),
+        ({"scheduled_sampling_prob": 1.0}, "scheduled_sampling_prob"),
         ({"position_embedding_type": "rotary"}, "position_embedding_type"),
         ({"norm_position": "sandwich"}, "norm_position"),
         ({"encoder_layers": 0}, "encoder_layers"),
         ({"vocab_size": 2.5}, "vocab_size"),
         ({"label_order": "length"}, "label_order"),
+        ({"classifier_pooling": "max"}, "classifier_pooling"),
         ({"min_labels": 3, "max_labels": 2}, "max_labels"),
+        ({"min_labels": -1}, "min_labels"),
+        ({"num_label_slots": 1}, "num_label_slots"),
         ({"share_embeddings": True, "decoder_vocab_size": 11}, "share_embeddings"),
+        ({"share_embeddings": 1}, "share_embeddings"),
+        ({"lexical_scorer": "yes"}, "lexical_scorer"),
         ({"layer_norm_eps": 0}, "layer_norm_eps"),
-        ({"classifier_threshold": 1.5}, "classifier_threshold"),
+        ({"init_std": float("nan")}, "init_std"),
         ({"eos_token_id": 99}, "eos_token_id"),
-        ({"unpad_encoder": "yes"}, "unpad_encoder"),
     ],
 )
 def test_bad_values_raise_naming_the_field(overrides, field):
@@ -40,15 +47,45 @@ def test_hf_names_and_defaults():
     assert config.model_type == "labelformer"
     assert config.is_encoder_decoder
     assert config.position_embedding_type == "sinusoidal" and config.norm_position == "post"
+    assert config.lexical_scorer is False and config.min_labels == 1 and config.label_order == "frequency"
     # attribute_map lets generic code (caches, Trainer) find the sizes
     assert config.hidden_size == config.d_model
     assert config.num_hidden_layers == config.encoder_layers
     assert config.decoder_vocab_size == config.vocab_size
+    assert not config.is_label_model
 
 
-def test_round_trip_through_dict(tmp_path):
-    config = tiny_config(norm_position="pre", activation_function="gelu", decoder_vocab_size=13)
+def test_the_config_has_its_35_fields_and_every_one_round_trips(tmp_path):
+    fields = [
+        name for name in inspect.signature(LabelformerConfig.__init__).parameters if name not in ("self", "kwargs")
+    ]
+    assert len(fields) == 35
+    changed = dict(
+        norm_position="pre", activation_function="gelu", decoder_vocab_size=13, d_model=64, encoder_ffn_dim=96,
+        label_order="random", min_labels=0, max_labels=4, num_label_slots=6, classifier_pooling="first",
+        lexical_scorer=True, scheduled_sampling_prob=0.25, position_embedding_type="learned",
+    )  # fmt: skip
+    config = tiny_config(**changed)
     config.save_pretrained(tmp_path)
     loaded = LabelformerConfig.from_pretrained(tmp_path)
-    for key in ("norm_position", "activation_function", "decoder_vocab_size", "d_model", "encoder_ffn_dim"):
-        assert getattr(loaded, key) == getattr(config, key)
+    for name in fields:
+        assert getattr(loaded, name) == getattr(config, name), name
+    for name, value in changed.items():
+        assert getattr(loaded, name) == value, name
+
+
+def test_label_configs():
+    config = LabelformerConfig.from_labels(["earn", "acq", "grain"], vocab_size=50, max_labels=2)
+    assert config.id2label == {0: "earn", 1: "acq", 2: "grain"} and config.label2id["grain"] == 2
+    assert config.decoder_vocab_size == 3 + 3 and config.is_label_model
+    assert config.share_embeddings is False
+    assert config.effective_max_labels == 2 and config.effective_num_label_slots == 3
+    unbounded = LabelformerConfig.from_labels(["a", "b"], vocab_size=50, max_labels=9, num_label_slots=4)
+    assert unbounded.effective_max_labels == 2 and unbounded.effective_num_label_slots == 4
+    with pytest.raises(ValueError, match="`labels` is empty"):
+        LabelformerConfig.from_labels([], vocab_size=50)
+    for bad in (["a", "a"], ["a", ""], ["a", 3]):
+        with pytest.raises(ValueError, match="distinct non-empty strings"):
+            LabelformerConfig.from_labels(bad, vocab_size=50)
+    with pytest.raises(ValueError, match="`min_labels` \\(3\\) must be <= the number of labels \\(2\\)"):
+        LabelformerConfig.from_labels(["a", "b"], vocab_size=50, min_labels=3)

@@ -6,6 +6,7 @@ import configparser
 import gzip
 import json
 import logging
+import random
 import shutil
 import site
 import sys
@@ -14,13 +15,18 @@ from pathlib import Path
 import pytest
 
 from modeling import (
+    LabelformerConfig,
+    MultiLabelCollator,
     build_label_vocabulary,
     data_labelformer,
     hub_labelformer,
     load_multilabel_dataset,
     split_unknown_labels,
+    train_tokenizer,
 )
-from modeling.data_labelformer import REPO_ROOT, normalize_labels, report_unknown_labels
+from modeling.data_labelformer import REPO_ROOT, label_target, normalize_labels, order_labels, report_unknown_labels
+
+SPECIAL = 3
 
 
 def write_jsonl(path, rows, compress=False):
@@ -61,6 +67,43 @@ def test_normalize_labels():
     assert normalize_labels(["x", "y", "x"], None, "row 0") == ["x", "y"]
     with pytest.raises(ValueError, match="row 3: labels must be a list of strings or a string"):
         normalize_labels(7, None, "row 3")
+
+
+def test_label_orders():
+    label2id = {"earn": 0, "acq": 1, "grain": 2, "wheat": 3}
+    labels = ["wheat", "earn", "grain"]
+    assert order_labels(labels, label2id, "frequency") == [0, 2, 3]
+    assert order_labels(labels, label2id, "alphabetical") == [0, 2, 3]  # earn, grain, wheat
+    assert order_labels(["wheat", "acq"], label2id, "alphabetical") == [1, 3]
+    seen = {tuple(order_labels(labels, label2id, "random", random.Random(s))) for s in range(30)}
+    assert len(seen) > 1 and all(sorted(p) == [0, 2, 3] for p in seen)
+    assert label_target([0, 2, 3]) == [3, 5, 6, 2]
+
+
+@pytest.mark.parametrize("order", ["frequency", "alphabetical", "random"])
+def test_collator_builds_ordered_targets(order):
+    tokenizer = train_tokenizer(["alpha beta gamma delta"] * 10, vocab_size=40)
+    config = LabelformerConfig.from_labels(["z", "a", "m"], vocab_size=len(tokenizer), label_order=order)
+    collator = MultiLabelCollator(tokenizer, config, max_length=8)
+    rows = [{"text": "alpha beta", "labels": ["m", "z", "a"]}, {"text": "gamma", "labels": ["a", "unknown"]}]
+    epochs = [collator(rows)["labels"] for _ in range(8)]
+    first = epochs[0]
+    assert first[1].tolist() == [1 + SPECIAL, 2, -100, -100]  # unknown labels are dropped
+    expected = {"frequency": [3, 4, 5, 2], "alphabetical": [4, 5, 3, 2]}
+    if order == "random":
+        assert len({tuple(e[0].tolist()) for e in epochs}) > 1  # re-shuffled on every pass
+        assert all(sorted(e[0, :3].tolist()) == [3, 4, 5] and e[0, 3] == 2 for e in epochs)
+        # rows with a `row` index draw their order from (seed, epoch, row) alone: batch-independent
+        indexed = [{**row, "row": i} for i, row in enumerate(rows)]
+        alone = MultiLabelCollator(tokenizer, config, max_length=8, epoch=3)([indexed[0]])["labels"][0]
+        together = MultiLabelCollator(tokenizer, config, max_length=8, epoch=3)(indexed[::-1])["labels"][1]
+        assert alone.tolist() == together.tolist()
+    else:
+        assert first[0].tolist() == expected[order]
+    classification = MultiLabelCollator(tokenizer, config, head="classification")(rows)["labels"]
+    assert classification.tolist() == [[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]
+    with pytest.raises(ValueError, match="`head` must be"):
+        MultiLabelCollator(tokenizer, config, head="ranking")
 
 
 def test_jsonl_with_custom_columns_and_carved_validation(tmp_path):

@@ -33,6 +33,7 @@ def test_learns_to_reverse_sequences():
         scheduler.step()
     model.eval()
     source, target = reverse_batch(256, 6, config.vocab_size, config.eos_token_id, torch.Generator().manual_seed(123))
-    generated = model.generate(input_ids=source, max_new_tokens=7, do_sample=False)[:, 1:]  # drop the start token
+    mask = torch.ones_like(source)
+    generated = model.generate(input_ids=source, attention_mask=mask, max_new_tokens=7, do_sample=False)[:, 1:]
     accuracy = (generated[:, :6] == target[:, :6]).float().mean().item()
     assert accuracy >= 0.95, f"token accuracy {accuracy:.3f}"

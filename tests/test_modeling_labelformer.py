@@ -8,13 +8,10 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from modeling import LabelformerForConditionalGeneration, LabelformerModel
-from modeling.modeling_labelformer import (
-    CACHE_OUTPUT_FIELD,
-    SinusoidalPositionalEncoding,
-    output_cache,
-    sinusoidal_table,
-)
+from modeling import LabelformerForConditionalGeneration, LabelformerModel, modeling_labelformer
+from modeling.decoding_labelformer import CACHE_OUTPUT_FIELD, output_cache
+from modeling.modeling_labelformer import SinusoidalPositionalEncoding, sinusoidal_table
+from modeling.packing_labelformer import TokenPacking, token_packing
 
 from .conftest import random_batch, tiny_config
 
@@ -248,56 +245,6 @@ def test_flex_attention_matches_eager_in_inference():
         assert torch.equal(flex.generate(**kwargs), eager.generate(**kwargs))
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_static_decoding_cache_steps_match_the_full_decoder(backend):
-    from modeling.modeling_labelformer import StaticDecodingCache
-
-    torch.manual_seed(0)
-    model = LabelformerForConditionalGeneration(tiny_config(decoder_vocab_size=12, init_std=0.2)).eval()
-    model.config._attn_implementation = backend
-    ids = torch.randint(4, 40, (3, 9))
-    mask = torch.ones_like(ids)
-    mask[0, 5:] = 0
-    targets = torch.randint(3, 12, (3, 6))
-    with torch.no_grad():
-        encoder_states = model.model.encoder(ids, mask).last_hidden_state
-        full = model(encoder_outputs=(encoder_states,), attention_mask=mask, decoder_input_ids=targets).logits
-        cache = StaticDecodingCache(model.model.decoder, 3, 9, 6, ids.device, encoder_states.dtype)
-        for _ in range(2):  # the cache is reusable: a second pass over the same buffers gives the same
-            cache.set_encoder_states(encoder_states, mask)
-            for t in range(6):
-                step = model.lm_head(model.model.decoder.decode_step(targets[:, t : t + 1], cache, t))
-                torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=1e-5)
-    model.config._attn_implementation = "flex_attention"
-    with pytest.raises(ValueError, match="eager' and 'sdpa"):
-        model.model.decoder.decode_step(targets[:, :1], cache, 0)
-
-
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("lengths", [{"max_new_tokens": 10}, {"max_new_tokens": 12, "min_new_tokens": 4}])
-def test_fast_greedy_generate_equals_the_generic_loop(attn, lengths):
-    # a small decoder vocabulary and large weights: EOS comes early in some rows, not in others
-    torch.manual_seed(3)
-    model = build(attn, decoder_vocab_size=6, init_std=0.5)
-    input_ids, attention_mask, _ = random_batch(model.config, batch=8)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, num_beams=1, do_sample=False, **lengths)
-    fast = model.generate(**kwargs)
-    model.fast_greedy_generate = False
-    generic = model.generate(**kwargs)
-    assert torch.equal(fast, generic)
-    finished_early = (fast[:, 1:-1] == model.config.eos_token_id).any(dim=1)
-    assert finished_early.any() and not finished_early.all()  # both cases are exercised
-    model.fast_greedy_generate = True
-    assert model._plain_greedy_request((), kwargs) is not None
-    # anything the fast loop does not implement goes to the generic loop
-    assert model._plain_greedy_request((), {**kwargs, "repetition_penalty": 1.3}) is None
-    assert model._plain_greedy_request((), {**kwargs, "num_beams": 2}) is None
-    no_length = {k: v for k, v in kwargs.items() if k != "max_new_tokens"}
-    assert model._plain_greedy_request((), no_length) is None  # length defaults are generate()'s business
-    model.generation_config.no_repeat_ngram_size = 2
-    assert model._plain_greedy_request((), kwargs) is None
-
-
 def _ragged_batch(config, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Four rows of 11, 7, 3 and 11 real tokens, padded on the right (or the left)."""
     lengths = [11, 7, 3, 11]
@@ -312,33 +259,30 @@ def _ragged_batch(config, left: bool = False) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("left", [False, True])
 @pytest.mark.parametrize("overrides", OPTIONS[:3])
-def test_unpadded_encoder_matches_the_padded_one(attn, left, overrides):
-    """Packing real tokens (config.unpad_encoder) changes no real-position output or gradient."""
+def test_padding_free_encoder_matches_the_padded_one(monkeypatch, attn, left, overrides):
+    """Packing real tokens (always on for padded batches) changes no real-position output or gradient."""
     packed = build(attn, **overrides).train()
-    padded = build(attn, **overrides, unpad_encoder=False).train()
+    padded = build(attn, **overrides).train()
     padded.load_state_dict(packed.state_dict())  # the tiny config has no dropout: both runs are deterministic
     input_ids, attention_mask = _ragged_batch(packed.config, left)
     labels = torch.randint(3, packed.config.decoder_vocab_size, (input_ids.shape[0], 5))
     real = attention_mask.bool()
-    outs = [
-        m(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
-        for m in (packed, padded)
-    ]
+    outs = []
+    for model, packing in ((packed, modeling_labelformer.token_packing), (padded, lambda attention_mask: None)):
+        monkeypatch.setattr(modeling_labelformer, "token_packing", packing)
+        outs.append(model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True))
+        outs[-1].loss.backward()
     for a, b in zip(outs[0].encoder_hidden_states, outs[1].encoder_hidden_states):
         torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-4)
     assert outs[0].encoder_last_hidden_state[~real].abs().max() == 0  # padding rows are zeros
     assert outs[1].encoder_last_hidden_state[~real].abs().max() > 0  # (the padded path computes them)
     torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=1e-5, rtol=1e-4)
-    for out in outs:
-        out.loss.backward()
     grads = dict(padded.named_parameters())
     for name, param in packed.named_parameters():
         torch.testing.assert_close(param.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_token_packing_round_trip_and_when_it_is_used():
-    from modeling.modeling_labelformer import TokenPacking, token_packing
-
     config = tiny_config()
     _, attention_mask = _ragged_batch(config)
     packing = TokenPacking(attention_mask)
@@ -347,7 +291,6 @@ def test_token_packing_round_trip_and_when_it_is_used():
     packed = packing.pack(states)
     assert packed.shape == (packing.num_tokens, 5)
     torch.testing.assert_close(packing.unpack(packed), states * attention_mask[..., None])
-    assert token_packing(config, attention_mask) is not None
-    assert token_packing(config, torch.ones_like(attention_mask)) is None  # nothing to skip
-    assert token_packing(config, None) is None
-    assert token_packing(tiny_config(unpad_encoder=False), attention_mask) is None
+    assert token_packing(attention_mask) is not None
+    assert token_packing(torch.ones_like(attention_mask)) is None  # nothing to skip
+    assert token_packing(None) is None

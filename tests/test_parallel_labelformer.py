@@ -6,30 +6,40 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from modeling import LabelformerForParallelLabelGeneration
-from modeling.parallel_labelformer import hungarian_targets, slot_targets
+from modeling import LabelformerConfig, LabelformerForParallelLabelGeneration
+from modeling.parallel_labelformer import slot_targets
 
 from .isolation import run_isolated
 from .synthetic import synthetic_batch, synthetic_config
-from .test_multilabel_labelformer import generation_targets, train_synthetic
+from .test_generation_labelformer import generation_targets, train_synthetic
 
 SPECIAL = 3
 
 
-def test_slot_and_hungarian_targets():
+def test_slot_targets_and_the_loss_read_them():
     labels = torch.tensor([[5, 3, 2, -100], [4, 2, -100, -100]])
     assert slot_targets(labels, 3).tolist() == [[5, 3, 2], [4, 2, -100]]
-    log_probs = torch.full((1, 3, 6), -5.0)
-    log_probs[0, 0, 3] = log_probs[0, 2, 5] = -0.1  # slot 0 likes label token 3, slot 2 likes token 5
-    assert hungarian_targets(log_probs, torch.tensor([[3, 5, 2]])).tolist() == [[3, 2, 5]]
+    assert slot_targets(labels, 6).tolist() == [[5, 3, 2, -100, -100, -100], [4, 2, -100, -100, -100, -100]]
+    model = LabelformerForParallelLabelGeneration(synthetic_config(num_label_slots=3)).eval()
+    ids, _ = synthetic_batch(2, 10, torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits.shape == (2, 3, model.config.decoder_vocab_size)
+    expected = torch.nn.functional.cross_entropy(out.logits.reshape(6, -1), slot_targets(labels, 3).reshape(6))
+    torch.testing.assert_close(out.loss, expected)
 
 
-@pytest.mark.parametrize("loss", ["ordered", "hungarian"])
+def test_the_parallel_head_needs_a_label_config_without_a_lexical_part():
+    with pytest.raises(ValueError, match="from_labels"):
+        LabelformerForParallelLabelGeneration(LabelformerConfig(vocab_size=50))
+    with pytest.raises(ValueError, match="without `lexical_scorer`"):
+        LabelformerForParallelLabelGeneration(synthetic_config(lexical_scorer=True))
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("limits", [{}, {"min_labels": 2, "max_labels": 3}])
-def test_never_a_repeated_label_or_a_non_label_token(loss, seed, limits):
+def test_never_a_repeated_label_or_a_non_label_token(seed, limits):
     torch.manual_seed(seed)
-    config = synthetic_config(parallel_loss=loss, init_std=1.0 + seed, **limits)
+    config = synthetic_config(init_std=1.0 + seed, **limits)
     model = LabelformerForParallelLabelGeneration(config).eval()
     with torch.no_grad():
         model.classifier.bias[:SPECIAL] += 5.0  # tempt the raw model with pad/bos
@@ -41,17 +51,18 @@ def test_never_a_repeated_label_or_a_non_label_token(loss, seed, limits):
     for row in tokens.tolist():
         labels = [t for t in row if t >= SPECIAL]
         assert len(labels) == len(set(labels)) and all(t == 2 or t >= SPECIAL for t in row)
+        if 2 in row:  # the set ends at the first EOS
+            assert set(row[row.index(2) :]) == {2}
     assert ((scores >= 0) & (scores <= 1)).all()
 
 
-@pytest.mark.parametrize("loss", ["ordered", "hungarian"])
-def test_learns_varying_label_counts(loss):
-    model = LabelformerForParallelLabelGeneration(synthetic_config(parallel_loss=loss, norm_position="pre"))
+def test_learns_varying_label_counts():
+    model = LabelformerForParallelLabelGeneration(synthetic_config(norm_position="pre"))
     model = train_synthetic(model, 300, generation_targets)
     ids, gold = synthetic_batch(300, 16, torch.Generator().manual_seed(99))
     predicted = model.predict_batch(ids, torch.ones_like(ids))
     exact = sum(set(p) == set(g) for p, g in zip(predicted, gold)) / len(gold)
-    assert exact >= 0.9, f"exact match {exact:.3f} with the {loss} loss"
+    assert exact >= 0.9, f"exact match {exact:.3f}"
 
 
 def test_save_load_auto_class_and_fresh_process(tmp_path):

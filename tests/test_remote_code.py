@@ -65,19 +65,23 @@ def test_saved_folder_loads_with_auto_classes_in_a_fresh_process(tmp_path):
 
 
 TEXTS = ["wheat prices rise in chicago", "corn and wheat harvest", "company earnings up", "merger talks"]
+TEXT_LABELS = [["wheat"], ["corn", "wheat"], ["earn"], ["acq"]]
 
 
 def _saved_multilabel_heads(folder):
+    """Both multi-label heads with a fitted lexical part (and the threshold head with a folded threshold), saved."""
     from modeling import (
         LabelformerConfig,
         LabelformerForMultiLabelClassification,
         LabelformerForMultiLabelGeneration,
+        fit_lexical_scorer,
         train_tokenizer,
     )
 
     tokenizer = train_tokenizer(TEXTS * 5, vocab_size=60)
+    names = ["wheat", "corn", "earn", "acq"]
     config = LabelformerConfig.from_labels(
-        ["wheat", "corn", "earn", "acq"],
+        names,
         vocab_size=len(tokenizer),
         d_model=32,
         encoder_attention_heads=2,
@@ -85,12 +89,19 @@ def _saved_multilabel_heads(folder):
         encoder_ffn_dim=64,
         decoder_ffn_dim=64,
         norm_position="pre",
+        lexical_scorer=True,
     )
     heads = {
         "generation": LabelformerForMultiLabelGeneration(config),
         "classification": LabelformerForMultiLabelClassification(LabelformerConfig.from_dict(config.to_dict())),
     }
+    targets = torch.tensor([[name in labels for name in names] for labels in TEXT_LABELS], dtype=torch.float32)
     for name, head in heads.items():
+        fit_lexical_scorer(head.lexical_scorer, tokenizer(TEXTS)["input_ids"], targets, tokenizer.all_special_ids)
+        head.lexical_scorer.scale.fill_(0.5)
+        head.eval()
+        if name == "classification":
+            head.fold_threshold(0.4)
         head.save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)
     return heads, tokenizer
@@ -104,12 +115,17 @@ def test_auto_classes_pick_the_saved_head_in_process(tmp_path):
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classification")
     assert type(loaded) is type(heads["classification"])
     assert type(AutoModel.from_pretrained(tmp_path / "generation")) is LabelformerModel
+    loaded.eval()  # (from_pretrained leaves models in eval mode, but be explicit)
+    torch.testing.assert_close(loaded.classifier.bias, heads["classification"].classifier.bias)  # folded threshold
+    torch.testing.assert_close(loaded.lexical_scorer.weight, heads["classification"].lexical_scorer.weight)
     # the tokenizer saved beside the model is found on its own
     assert loaded.predict_labels(TEXTS) == heads["classification"].predict_labels(TEXTS, tokenizer=_tokenizer)
 
 
 def test_multilabel_folders_load_in_a_fresh_process(tmp_path):
     heads, tokenizer = _saved_multilabel_heads(tmp_path)
+    for name in heads:  # the code of the optional lexical part and of fast decoding travels with the weights
+        assert {"lexical_labelformer.py", "decoding_labelformer.py"} <= {p.name for p in (tmp_path / name).iterdir()}
     expected = {
         "generation": heads["generation"].predict_labels(TEXTS, tokenizer=tokenizer, num_beams=2, return_scores=True),
         "classification": heads["classification"].predict_labels(TEXTS, tokenizer=tokenizer, return_scores=True),
