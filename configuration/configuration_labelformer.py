@@ -30,6 +30,24 @@ EOS_TOKEN_ID = 2
 NUM_SPECIAL_DECODER_TOKENS = 3  # pad, bos, eos: label k is decoder token k + 3
 
 
+#: Fields of earlier releases that no longer exist, and what replaces them. A config that still sets one
+#: is refused instead of silently ignored (an old `classifier_threshold` would otherwise decide at 0.5).
+REMOVED_FIELDS = {
+    "classifier_threshold": "the threshold head folds its threshold into the classifier bias: model.fold_threshold(t)",
+    "classifier_dropout": "the threshold head uses `dropout`",
+    "lexical_logit_weight": "the scale is the `scale` buffer of the model's LexicalLabelScorer",
+    "unpad_encoder": "the padding-free encoder is always on for padded batches",
+    **{
+        name: "removed with the decision-time add-ons (2026-12); retrain with this release"
+        for name in (
+            "eos_logit_bias", "label_logit_bias", "label_name_token_ids", "label_name_bias", "label_name_feature",
+            "lexical_training_weight", "set_search_rounds", "set_search_candidates", "set_search_label_bias",
+            "auxiliary_bce_weight", "global_label_logits", "parallel_loss",
+        )
+    },
+}  # fmt: skip
+
+
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
@@ -140,6 +158,12 @@ class LabelformerConfig(PretrainedConfig):
         is_encoder_decoder: bool = True,
         **kwargs: Any,
     ) -> None:
+        removed = sorted(REMOVED_FIELDS.keys() & kwargs.keys())
+        if removed:
+            raise ValueError(
+                f"`{removed[0]}` is no longer a LabelformerConfig field: {REMOVED_FIELDS[removed[0]]}. "
+                f"Remove {removed} from the config."
+            )
         self.vocab_size = vocab_size
         self.decoder_vocab_size = vocab_size if decoder_vocab_size is None else decoder_vocab_size
         self.d_model = d_model

@@ -98,8 +98,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=500, max_length=32, d_model=32, encoder_layers=1, decoder_layers=1, attention_heads=2,
                  ffn_dim=64, epochs=2, batch_size=16, learning_rate=2e-3, max_train_samples=300),
     # 2 CPU cores, under 10 minutes end to end (tokenizer, training, calibration, test evaluation)
-    "quick": dict(vocab_size=8000, max_length=96, d_model=128, encoder_layers=2, decoder_layers=1, attention_heads=4,
-                  ffn_dim=512, epochs=10, batch_size=32, learning_rate=2e-3, early_stopping_patience=4),
+    "quick": dict(vocab_size=8000, max_length=128, d_model=128, encoder_layers=2, decoder_layers=1, attention_heads=4,
+                  ffn_dim=512, dropout=0.0, epochs=12, batch_size=32, learning_rate=1e-3, early_stopping_patience=4,
+                  ema_decay=0.999),
     # Transformer-base (Vaswani et al.) for GPUs
     "base": dict(vocab_size=32000, max_length=256, d_model=512, encoder_layers=6, decoder_layers=6, attention_heads=8,
                  ffn_dim=2048, epochs=40, batch_size=64, learning_rate=5e-4, early_stopping_patience=5),

@@ -89,3 +89,12 @@ def test_label_configs():
             LabelformerConfig.from_labels(bad, vocab_size=50)
     with pytest.raises(ValueError, match="`min_labels` \\(3\\) must be <= the number of labels \\(2\\)"):
         LabelformerConfig.from_labels(["a", "b"], vocab_size=50, min_labels=3)
+
+
+@pytest.mark.parametrize("field", ["classifier_threshold", "eos_logit_bias", "unpad_encoder"])
+def test_removed_fields_are_refused_with_their_replacement(field):
+    from configuration.configuration_labelformer import REMOVED_FIELDS
+
+    with pytest.raises(ValueError, match=field) as error:
+        tiny_config(**{field: 0.4})
+    assert REMOVED_FIELDS[field] in str(error.value)

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 import torch
-from tests.synthetic import LABELS, synthetic_batch, synthetic_config
 
 from modeling import LabelformerForMultiLabelClassification, LabelformerForMultiLabelGeneration
 from modeling.lexical_labelformer import fit_lexical_scorer
+from tests.synthetic import LABELS, synthetic_batch, synthetic_config
 
 
 def _with_lexical(model, ids: torch.Tensor, label_sets: list[list[str]], scale: float = 2.0):
@@ -129,3 +129,51 @@ def test_concurrent_calls_are_safe(generator, tmp_path):
             assert [list(r) for r in again] == [list(r) for r in expected[beams]]
             for got, want in zip(again, expected[beams]):
                 assert list(got.values()) == pytest.approx(list(want.values()), abs=1e-5)
+
+
+def _threshold_text_model(generator, tokenizer):
+    """A threshold head on the tiny text task's config, briefly trained, with a folded threshold."""
+    from modeling import MultiLabelCollator
+    from tests.textdata import make_texts
+
+    torch.manual_seed(0)
+    model = LabelformerForMultiLabelClassification(generator.config.__class__.from_dict(generator.config.to_dict()))
+    collator = MultiLabelCollator(tokenizer, model.config, max_length=32, head="classification")
+    rows = make_texts(200, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(30):
+        loss = model(**collator([rows[(step * 32 + i) % len(rows)] for i in range(32)])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.fold_threshold(0.35)
+    return model.eval()
+
+
+def test_pipelines_and_tokenizer_generate_agree_with_predict_labels(tmp_path):
+    from transformers import pipeline
+
+    from tests.textdata import make_texts, trained_text_model
+
+    generator, tokenizer = trained_text_model()
+    texts = [row["text"] for row in make_texts(6, 7)]
+    generator.save_pretrained(tmp_path / "generation")
+    tokenizer.save_pretrained(tmp_path / "generation")
+    expected = generator.predict_labels(texts, tokenizer=tokenizer, return_scores=True)
+    for beams in (1, 3):
+        ids = generator.generate(**tokenizer(texts, return_tensors="pt", padding=True), num_beams=beams)
+        assert generator.decode_labels(ids) == [list(p) for p in generator.predict_labels(texts, tokenizer, beams)]
+    classify = pipeline("multi-label-generation", model=str(tmp_path / "generation"), trust_remote_code=True)
+    for got, want in zip(classify(texts), expected):
+        assert [item["label"] for item in got] == list(want)
+        assert [item["score"] for item in got] == pytest.approx(list(want.values()), abs=1e-5)
+
+    threshold = _threshold_text_model(generator, tokenizer)
+    threshold.save_pretrained(tmp_path / "threshold")
+    tokenizer.save_pretrained(tmp_path / "threshold")
+    decided = threshold.predict_labels(texts, tokenizer=tokenizer)
+    assert any(decided) and not all(len(d) == threshold.config.num_labels for d in decided)
+    stock = pipeline("text-classification", model=str(tmp_path / "threshold"), trust_remote_code=True,
+                     top_k=None, function_to_apply="sigmoid")  # fmt: skip
+    for got, want in zip(stock(texts), decided):
+        assert sorted(item["label"] for item in got if item["score"] >= 0.5) == sorted(want)
