@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     for head, seed in jobs:
         folder = out / f"{head}_seed{seed}"
         seconds = run([*script, "--head", head, "--seed", str(seed), "--output_dir", str(folder),
-                       "--overwrite_output_dir", "--show_examples", "0", *args.extra])  # fmt: skip
+                       "--overwrite_output_dir", *args.extra])  # fmt: skip
         metrics = json.loads((folder / "test_metrics.json").read_text())
         results["runs"][f"{head}_seed{seed}"] = {"seconds": seconds, **metrics}
     svm_file = out / "svm.json"

@@ -110,6 +110,7 @@ DEFAULTS: dict[str, Any] = dict(
     ffn_dim=1024, dropout=0.1, epochs=10, batch_size=32, learning_rate=1e-3, early_stopping_patience=3, ema_decay=0.0,
 )  # fmt: skip
 WARMUP_RATIO = 0.05
+SHOW_EXAMPLES = 5  # test predictions printed at the end
 
 
 def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labels_seen: int):
@@ -347,7 +348,7 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
             for key in METRIC_KEYS:
                 accelerator.print(f"  {key:16s} {results['transformer'][key]:.4f}              {metrics[key]:.4f}")
             accelerator.print("\nExample predictions of the shipped model (test):")
-            examples = shipped.predict_labels(list(texts[: args.show_examples]), tokenizer, return_scores=True)
+            examples = shipped.predict_labels(list(texts[:SHOW_EXAMPLES]), tokenizer, return_scores=True)
             for text, gold, pred in zip(texts, references, examples):
                 accelerator.print(f"  {text.split(chr(10), 1)[0][:70]!r}\n    gold: {sorted(gold)}  predicted: "
                                   f"{ {k: round(v, 3) for k, v in pred.items()} }")  # fmt: skip
@@ -395,7 +396,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in --output_dir.")
     g.add_argument("--stop_after_steps", type=int, help="Stop as if interrupted after this many steps (testing).")
     g.add_argument("--num_beams", type=int, default=3, help="Also evaluate test with this beam width (generation).")
-    g.add_argument("--show_examples", type=int, default=5)
     g.add_argument("--no_progress", action="store_true")
     return p
 

@@ -31,7 +31,7 @@ from .isolation import run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_multilabel.py"
-TINY = ["--preset", "tiny", "--no_progress", "--show_examples", "2"]
+TINY = ["--preset", "tiny", "--no_progress"]
 METRICS = {"micro_f1", "macro_f1", "example_f1", "subset_accuracy", "hamming_loss", "jaccard"}
 STEPS_PER_EPOCH = 9  # 144 training documents (160 less 10% for validation) in batches of 16
 LAUNCHER = """
@@ -257,7 +257,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, fixed_toke
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_files, fixed_tokenizer_script):
     common = [*TINY, *data_args(data_files), "--epochs", "1", "--dropout", "0", "--no-lexical_scorer",
-              "--num_beams", "1", "--show_examples", "0"]  # fmt: skip
+              "--num_beams", "1"]  # fmt: skip
     single, double = tmp_path / "single", tmp_path / "double"
     run([*common, "--output_dir", str(single), "--batch_size", "16"], script=fixed_tokenizer_script)
     # torchrun starts 2 CPU processes; with ACCELERATE_USE_CPU (what `accelerate launch --cpu` sets)
