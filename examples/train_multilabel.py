@@ -31,7 +31,6 @@ import math
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from training_utils import (  # noqa: E402
     TrainingError,
-    WeightAverage,
     check_output_dir,
     find_checkpoint,
     global_mean_loss,
@@ -99,15 +97,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                  ffn_dim=64, epochs=2, batch_size=16, learning_rate=2e-3, max_train_samples=300),
     # 2 CPU cores, under 10 minutes end to end (tokenizer, training, calibration, test evaluation)
     "quick": dict(vocab_size=8000, max_length=128, d_model=128, encoder_layers=2, decoder_layers=1, attention_heads=4,
-                  ffn_dim=512, dropout=0.0, epochs=12, batch_size=32, learning_rate=1e-3, early_stopping_patience=4,
-                  ema_decay=0.999),
+                  ffn_dim=512, dropout=0.0, epochs=12, batch_size=32, learning_rate=1e-3, early_stopping_patience=4),
     # Transformer-base (Vaswani et al.) for GPUs
     "base": dict(vocab_size=32000, max_length=256, d_model=512, encoder_layers=6, decoder_layers=6, attention_heads=8,
                  ffn_dim=2048, epochs=40, batch_size=64, learning_rate=5e-4, early_stopping_patience=5),
 }  # fmt: skip
 DEFAULTS: dict[str, Any] = dict(
     vocab_size=16000, max_length=256, d_model=256, encoder_layers=2, decoder_layers=1, attention_heads=4,
-    ffn_dim=1024, dropout=0.1, epochs=10, batch_size=32, learning_rate=1e-3, early_stopping_patience=3, ema_decay=0.0,
+    ffn_dim=1024, dropout=0.1, epochs=10, batch_size=32, learning_rate=1e-3, early_stopping_patience=3,
 )  # fmt: skip
 WARMUP_RATIO = 0.05
 SHOW_EXAMPLES = 5  # test predictions printed at the end
@@ -203,13 +200,9 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     state: dict[str, Any] = {"epoch": 0, "batches_done": 0, "global_step": 0, "best_micro_f1": -1.0, "best_epoch": -1,
                              "epochs_without_improvement": 0, "history": []}  # fmt: skip
-    unwrapped = accelerator.unwrap_model(model)
-    average = WeightAverage(unwrapped, args.ema_decay) if args.ema_decay else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if average is not None:
-            average.load(checkpoint)
         logger.info("resumed from %s (epoch %d, step %d)", checkpoint, state["epoch"], state["global_step"])
 
     # ---- training loop
@@ -230,8 +223,6 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.zero_grad()
             state["batches_done"] += 1
             state["global_step"] += 1
-            if average is not None:
-                average.update(unwrapped)
             logged = accelerator.reduce(loss.detach(), reduction="mean").item()
             if not math.isfinite(logged):
                 found = list_checkpoints(args.output_dir)
@@ -244,7 +235,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             bar.set_postfix(loss=f"{logged:.4f}")
             state["history"].append({"step": state["global_step"], "loss": logged})
             if args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
-                save_checkpoint(accelerator, args, state, average)
+                save_checkpoint(accelerator, args, state)
             if args.stop_after_steps and state["global_step"] >= args.stop_after_steps:
                 logger.warning("stopped after %d steps (--stop_after_steps); continue with "
                                "--resume_from_checkpoint latest", state["global_step"])  # fmt: skip
@@ -254,13 +245,12 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         state["epoch"] += 1
         state["batches_done"] = 0
         model.eval()
-        with average.applied(unwrapped) if average is not None else nullcontext():
-            predictions = predict_split(accelerator, model, tokenizer, data["validation"]["text"], args, 1,
-                                        f"validation {state['epoch']}")  # fmt: skip
-            metrics = evaluate_predictions(predictions, data["validation"]["labels"], labels)
-            improved = metrics["micro_f1"] > state["best_micro_f1"]
-            if improved:
-                save_model(accelerator, model, tokenizer, best_dir)
+        predictions = predict_split(accelerator, model, tokenizer, data["validation"]["text"], args, 1,
+                                    f"validation {state['epoch']}")  # fmt: skip
+        metrics = evaluate_predictions(predictions, data["validation"]["labels"], labels)
+        improved = metrics["micro_f1"] > state["best_micro_f1"]
+        if improved:
+            save_model(accelerator, model, tokenizer, best_dir)
         state["history"].append({"epoch": state["epoch"], **{f"validation_{k}": v for k, v in metrics.items()}})
         logger.info("epoch %d: validation micro-F1 %.4f macro-F1 %.4f subset %.4f", state["epoch"],
                     metrics["micro_f1"], metrics["macro_f1"], metrics["subset_accuracy"])  # fmt: skip
@@ -268,7 +258,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             state.update(best_micro_f1=metrics["micro_f1"], best_epoch=state["epoch"], epochs_without_improvement=0)
         else:
             state["epochs_without_improvement"] += 1
-        save_checkpoint(accelerator, args, state, average)
+        save_checkpoint(accelerator, args, state)
         if state["epochs_without_improvement"] >= args.early_stopping_patience:
             logger.info("early stopping: no improvement for %d epochs", args.early_stopping_patience)
             break
@@ -389,7 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, help="Per process.")
     g.add_argument("--learning_rate", type=float)
     g.add_argument("--early_stopping_patience", type=int)
-    g.add_argument("--ema_decay", type=float, help="Evaluate and keep an EMA of the weights (e.g. 0.999); 0 = off.")
     g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--save_every_steps", type=int, default=0, help="Also checkpoint every N steps (0: per epoch).")
@@ -415,8 +404,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= {least} (got {value}).")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         p.error(f"--learning_rate must be a finite number > 0 (got {args.learning_rate}).")
-    if not 0 <= args.ema_decay < 1:
-        p.error(f"--ema_decay must be in [0, 1) (got {args.ema_decay}); 0 turns it off.")
     return args
 
 

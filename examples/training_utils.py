@@ -9,16 +9,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from modeling.evaluation_labelformer import atomic_directory, predict_texts, write_json
@@ -89,7 +85,7 @@ def predict_split(accelerator: Accelerator, model, tokenizer, texts: list[str], 
     return [ordered[i] for i in range(len(texts))]
 
 
-def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any], average=None) -> None:
+def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any]) -> None:
     """Write ``checkpoints/checkpoint-<step>`` atomically and keep the newest ``--save_total_limit``."""
     root = Path(args.output_dir) / "checkpoints"
     target = root / f"checkpoint-{state['global_step']}"
@@ -106,8 +102,6 @@ def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any], avera
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(state, tmp / "trainer_state.json")
-        if average is not None:
-            average.save(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -128,60 +122,6 @@ def save_model(accelerator: Accelerator, model, tokenizer, folder: Path) -> None
 
         atomic_directory(folder, write)
     accelerator.wait_for_everyone()
-
-
-class WeightAverage:
-    """Exponential moving average of the trainable weights (Polyak averaging), kept in float32.
-
-    ``decay`` ramps up as ``min(decay, (1 + t) / (10 + t))`` over updates ``t`` so early, random
-    weights fade quickly. `applied` swaps the average into the model (for evaluation and saving)
-    and restores the raw weights afterwards. Saved as safetensors next to each checkpoint.
-    """
-
-    FILE = "weight_average.safetensors"
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, param in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
-
-    @contextmanager
-    def applied(self, model: torch.nn.Module) -> Iterator[None]:
-        params = dict(model.named_parameters())
-        raw = {name: params[name].detach().clone() for name in self.shadow}
-        with torch.no_grad():
-            for name, value in self.shadow.items():
-                params[name].copy_(value)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, value in raw.items():
-                    params[name].copy_(value)
-
-    def save(self, folder: Path) -> None:
-        tensors = {name: value.contiguous() for name, value in self.shadow.items()}
-        save_file(tensors, str(folder / self.FILE), metadata={"updates": str(self.updates)})
-
-    def load(self, folder: Path) -> None:
-        path = folder / self.FILE
-        if not path.is_file():
-            raise TrainingError(f"{folder} has no {self.FILE}: it was not written with --ema_decay.")
-        with safe_open(str(path), framework="pt") as f:  # one read: metadata and tensors
-            self.updates = int(f.metadata()["updates"])
-            loaded = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
-        if loaded.keys() != self.shadow.keys():
-            raise TrainingError(f"{path} does not match the model's parameters; resume with the same settings.")
-        for name, value in loaded.items():
-            self.shadow[name].copy_(value)
 
 
 def quiesce_process_group(accelerator: Accelerator) -> None:

@@ -225,9 +225,9 @@ def final_checkpoint(out: Path) -> Path:
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, fixed_tokenizer_script):
-    # random label orders, scheduled sampling, dropout (0.1) and weight averaging all draw random numbers
+    # random label orders, scheduled sampling and dropout (0.1) all draw random numbers
     common = [*TINY, *data_args(data_files), "--save_every_steps", "3", "--label_order", "random",
-              "--scheduled_sampling", "0.3", "--ema_decay", "0.9", "--num_beams", "1"]  # fmt: skip
+              "--scheduled_sampling", "0.3", "--num_beams", "1"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run([*common, "--output_dir", str(straight)], script=fixed_tokenizer_script)
     # step 14 is mid-epoch 2; the newest checkpoint then is step 12, so steps 13-14 are run again
@@ -243,7 +243,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, fixed_toke
     history = {out: json.loads((out / "history.json").read_text()) for out in (straight, resumed)}
     assert len(losses(history[straight])) == 2 * STEPS_PER_EPOCH
     assert history[resumed] == history[straight]  # every loss and validation score, exactly
-    for name in ("model.safetensors", "weight_average.safetensors"):
+    for name in ("model.safetensors",):
         a, b = load_file(final_checkpoint(straight) / name), load_file(final_checkpoint(resumed) / name)
         assert a.keys() == b.keys()
         for key in a:
@@ -306,7 +306,7 @@ def test_presets_fill_in_what_the_flags_leave_open(script):
     args = script.parse_args(["--preset", "tiny", "--output_dir", "x", "--d_model", "48", "--epochs", "3"])
     assert (args.d_model, args.epochs) == (48, 3)  # flags win
     assert (args.vocab_size, args.encoder_layers, args.max_train_samples, args.batch_size) == (500, 1, 300, 16)
-    assert args.dropout == 0.1 and args.ema_decay == 0.0  # from the defaults, which no preset sets
+    assert args.dropout == 0.1  # from the defaults, which the tiny preset does not set
     plain = script.parse_args(["--output_dir", "x"])
     assert (plain.vocab_size, plain.d_model, plain.max_train_samples) == (16000, 256, None)
     assert plain.head == "generation" and plain.lexical_scorer and plain.num_beams == 3
@@ -324,7 +324,6 @@ def test_presets_fill_in_what_the_flags_leave_open(script):
         (["--save_every_steps", "-1"], "--save_every_steps must be"),
         (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
         (["--learning_rate=-1e-3"], "--learning_rate must be a finite number > 0"),
-        (["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
         (["--head", "ensemble"], "--head: invalid choice"),
         (["--preset", "huge"], "--preset: invalid choice"),
         (["--label_order", "length"], "--label_order: invalid choice"),
