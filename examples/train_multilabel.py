@@ -277,7 +277,9 @@ def with_lexical_part(model, tokenizer, data, args):
     training texts with scikit-learn; its scale (and the threshold head's threshold) chosen on validation."""
     config = LabelformerConfig.from_dict({**model.config.to_dict(), "lexical_scorer": True})
     hybrid = type(model)(config)
-    hybrid.load_state_dict(model.state_dict(), strict=False)
+    loaded = hybrid.load_state_dict(model.state_dict(), strict=False)
+    if loaded.unexpected_keys or any(not key.startswith("lexical_scorer.") for key in loaded.missing_keys):
+        raise TrainingError(f"Adding the lexical part lost weights: {loaded}.")
     hybrid = hybrid.to(model.device).eval()
     encoded = tokenizer(list(data["train"]["text"]), truncation=True, max_length=args.max_length)["input_ids"]
     targets = torch.zeros(len(encoded), config.num_labels)

@@ -388,7 +388,7 @@ class GreedyLabelDecoder:
                     self._decode(early_exit=False)
                 torch.cuda.current_stream().wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads may run
                     self.outputs = self._decode(early_exit=False)
             self.graph.replay()
             return self.outputs[0].clone(), self.outputs[1].clone()

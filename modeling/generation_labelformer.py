@@ -151,8 +151,10 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
     ) -> torch.Tensor:
         """Constrained greedy decoding, fast: ``[b, s]`` -> ``[b, 1 + t]`` (start token first), as `generate()`."""
         tokens, _ = self.greedy_labels(input_ids, attention_mask)
+        written = (tokens != self.config.pad_token_id).any(0).nonzero()  # a CUDA graph always runs every step
+        tokens = tokens[:, : min(max_new_tokens, int(written.max()) + 1 if written.numel() else 1)]
         start = torch.full_like(tokens[:, :1], self.config.decoder_start_token_id)
-        return torch.cat([start, tokens[:, :max_new_tokens]], dim=1)
+        return torch.cat([start, tokens], dim=1)
 
     @torch.no_grad()
     def greedy_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

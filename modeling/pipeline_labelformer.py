@@ -46,6 +46,8 @@ class MultiLabelGenerationPipeline(Pipeline):
         if not text.strip():
             raise ValueError("The pipeline got an empty text; pass a non-empty document.")
         limit = max_length or min(self.tokenizer.model_max_length, 100_000)
+        if self.model.config.position_embedding_type == "learned":  # as predict_labels: a learned table ends
+            limit = min(limit, self.model.config.max_position_embeddings)
         return self.tokenizer(text, truncation=True, max_length=limit, return_tensors="pt")
 
     def _forward(self, model_inputs: dict[str, Any], num_beams: int = 1) -> dict[str, Any]:
