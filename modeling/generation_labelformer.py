@@ -230,16 +230,9 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         self, decoder_input_ids: torch.Tensor, encoder_outputs: Any, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Teacher-forced ``forward()`` logits ``[b, t, v]`` (float) with the tokens the label rules forbid at -inf."""
-        logits = (
-            super()
-            .forward(
-                attention_mask=attention_mask, encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids
-            )
-            .logits.float()
-        )
-        bias = self.row_bias(encoder_outputs)
-        if bias is not None:
-            logits = logits + bias[:, None, :]
+        logits = self(
+            attention_mask=attention_mask, encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids
+        ).logits.float()  # the decoder's logits plus `row_bias`, as decoding sees them
         allowed = allowed_label_tokens(
             decoder_input_ids, logits.shape[-1], self.config.min_labels, self.config.effective_max_labels
         )
@@ -252,16 +245,21 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
 
     def decode_labels(self, sequences: torch.Tensor) -> list[list[str]]:
         """Generated ids ``[n, t]`` (with or without the start token) -> label names up to the first EOS."""
+        return [list(scored) for scored in self._scored_labels(sequences, torch.zeros(sequences.shape))]
+
+    def _scored_labels(self, tokens: torch.Tensor, scores: torch.Tensor) -> list[dict[str, float]]:
+        """``[n, t]`` decoded tokens and their scores -> per row ``{label: score}`` up to the first EOS
+        (other non-label tokens, e.g. the start token, padding or Trainer's -100, are skipped)."""
         id2label = self.config.id2label
         results = []
-        for row in sequences.tolist():
-            names = []
-            for token in row[1:] if row and row[0] == self.config.decoder_start_token_id else row:
+        for row_tokens, row_scores in zip(tokens.tolist(), scores.tolist()):
+            scored = {}
+            for token, score in zip(row_tokens, row_scores):
                 if token == self.config.eos_token_id:
                     break
                 if token >= NUM_SPECIAL_DECODER_TOKENS:
-                    names.append(id2label[token - NUM_SPECIAL_DECODER_TOKENS])
-            results.append(names)
+                    scored[id2label[token - NUM_SPECIAL_DECODER_TOKENS]] = score
+            results.append(scored)
         return results
 
     @torch.no_grad()
@@ -280,16 +278,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
                                       do_sample=False)  # fmt: skip
             tokens = sequences[:, 1:]
             scores = self.label_scores(sequences, self.encode(input_ids, attention_mask), attention_mask)
-        id2label = self.config.id2label
-        results = []
-        for row_tokens, row_scores in zip(tokens.tolist(), scores.tolist()):
-            scored = {}
-            for token, score in zip(row_tokens, row_scores):
-                if token < NUM_SPECIAL_DECODER_TOKENS:
-                    break  # EOS (or padding after it)
-                scored[id2label[token - NUM_SPECIAL_DECODER_TOKENS]] = score
-            results.append(scored)
-        return results
+        return self._scored_labels(tokens, scores)
 
 
 __all__ = ["LabelEncoderOutput", "LabelformerForMultiLabelGeneration"]
