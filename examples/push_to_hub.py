@@ -6,8 +6,9 @@
 
 The pushed repository holds safetensors weights, the model, config and pipeline code
 (`trust_remote_code=True`), the tokenizer, the run's reports and a README.md model card with the
-shipped model's test metrics in its `model-index` and a remote-code warning that names every
-Python file of the repository. `--dry_run DIR` writes that folder locally instead.
+shipped model's test metrics in its `model-index`, the run's training data (name, sizes, label count,
+licence: unknown unless `--dataset_license` names it here or at training time) and a remote-code
+warning that names every Python file of the repository. `--dry_run DIR` writes that folder locally instead.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", help="A Hub token with write access (default: the logged-in one).")
     p.add_argument("--commit_message", default="Upload Labelformer model")
+    p.add_argument("--dataset_license", help="The training data's licence for the card (default: as recorded "
+                   "by the training run, else unknown).")  # fmt: skip
     p.add_argument("--dry_run", metavar="DIR", help="Write the folder that would be pushed to DIR and stop.")
     args = p.parse_args(argv)
     try:
         if args.dry_run:
-            folder = prepare_hub_folder(args.model_dir, args.dry_run, repo_id=args.repo_id)
+            folder = prepare_hub_folder(args.model_dir, args.dry_run, args.repo_id, args.dataset_license)
             print(f"Wrote the Hub folder to {folder}")
             return 0
-        commit = push_to_hub(args.model_dir, args.repo_id, args.private, args.token, args.commit_message)
+        commit = push_to_hub(args.model_dir, args.repo_id, args.private, args.token, args.commit_message,
+                             args.dataset_license)  # fmt: skip
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -80,7 +80,7 @@ from modeling.evaluation_labelformer import (  # noqa: E402
     plot_training_curve,
     write_json,
 )
-from modeling.hub_labelformer import REUTERS_DESCRIPTION, build_model_card  # noqa: E402
+from modeling.hub_labelformer import TRAINING_DATA_FILE, build_model_card, describe_training_data  # noqa: E402
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
 logger = logging.getLogger("train_multilabel")
@@ -322,15 +322,14 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
         training_args = {k: getattr(args, k) for k in ("head", "epochs", "batch_size", "learning_rate", "dropout",
                                                           "label_order", "max_length", "seed")}  # fmt: skip
         training_args["best epoch (validation micro-F1)"] = f"{state['best_epoch']} ({state['best_micro_f1']:.4f})"
-        reuters = args.dataset_name is None and args.train_file is None
-        card = build_model_card(
-            shipped, metrics,
-            dataset_name="Reuters-21578 ApteMod" if reuters else (args.dataset_name or Path(args.train_file).name),
-            dataset_id="reuters21578" if reuters else (args.dataset_name or "custom"),
-            dataset_description=REUTERS_DESCRIPTION if reuters else "User-provided data.",
-            training_args=training_args,
+        train_labels = data["train"]["labels"]
+        training_data = describe_training_data(
+            train_file=args.train_file, dataset_name=args.dataset_name, dataset_license=args.dataset_license,
+            split_sizes={split: len(data[split]) for split in data}, num_labels=len(labels),
+            labels_per_document=sum(map(len, train_labels)) / max(1, len(train_labels)), test_file=args.test_file,
         )  # fmt: skip
-        card.save(out / "README.md")
+        write_json(training_data.to_dict(), out / TRAINING_DATA_FILE)
+        build_model_card(shipped, metrics, data=training_data, training_args=training_args).save(out / "README.md")
         write_json(results, out / "test_metrics.json")
         write_json(state["history"], out / "history.json")
         plot_training_curve(state["history"], out / "training_curve.png")
@@ -358,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_file", help="jsonl/json/csv/tsv/parquet, optionally gzipped; 10%% becomes validation.")
     g.add_argument("--test_file")
     g.add_argument("--dataset_name", help="A Hub data set (needs a network).")
+    g.add_argument("--dataset_license", help="The data's licence, for the model card (default: unknown).")
     g.add_argument("--text_column", default="text")
     g.add_argument("--label_column", default="labels")
     g.add_argument("--label_delimiter", help="Split string labels at this character (e.g. ';').")
