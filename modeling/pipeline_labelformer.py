@@ -4,7 +4,8 @@
     classifier = pipeline("multi-label-generation", model="path/or/repo", trust_remote_code=True)
     classifier("Wheat exports rose as grain prices fell.")
     # [{'label': 'grain', 'score': 0.97}, {'label': 'wheat', 'score': 0.93}]
-    classifier(["text one", "text two"], num_beams=3)   # one list per text
+    classifier(["text one", "text two"], batch_size=32)   # one list per text; batched forward passes
+    classifier(texts, top_k=1, threshold=0.5)             # only the model's surest label, if >= 0.5
 
 Saved model folders carry this file and name it in ``config.custom_pipelines``, so the pipeline
 loads without our package. It works with every Labelformer multi-label head (they all implement
@@ -15,17 +16,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import Pipeline
 
 TASK = "multi-label-generation"
+#: The call and constructor options `MultiLabelGenerationPipeline` takes, besides ``batch_size`` and ``num_workers``.
+OPTIONS = ("num_beams", "max_length", "top_k", "threshold")
 
 
 class MultiLabelGenerationPipeline(Pipeline):
     """Predict each text's label set with a Labelformer multi-label head.
 
-    Call arguments: ``num_beams`` (generation heads; default 1), ``max_length`` (tokens kept per
-    text; default the tokenizer's limit). Returns, per text, ``[{"label": str, "score": float}, ...]``
-    in the order the model predicted the labels.
+    Options (at the call or in ``pipeline(...)``; any other raises ``ValueError``):
+        num_beams: beam width for the generation head (default 1, greedy).
+        max_length: tokens kept per text (default: the tokenizer's limit).
+        top_k: keep only the ``top_k`` highest-scoring labels of the model's answer, best first.
+        threshold: keep only labels whose score is at least ``threshold``.
+        batch_size: texts per forward pass (``transformers.Pipeline``'s own option; default 1).
+
+    Returns, per text, ``[{"label": str, "score": float}, ...]``: the model's label set, in the order the
+    model predicted the labels, each with the model's own probability for it (what `predict_labels`
+    returns). ``top_k`` and ``threshold`` only remove labels from that answer.
     """
 
     _load_processor = False
@@ -34,28 +45,92 @@ class MultiLabelGenerationPipeline(Pipeline):
     _load_tokenizer = True
 
     def _sanitize_parameters(
-        self, num_beams: int | None = None, max_length: int | None = None, **kwargs: Any
+        self,
+        num_beams: int | None = None,
+        max_length: int | None = None,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        **unknown: Any,
     ) -> tuple[dict, dict, dict]:
+        if unknown:
+            raise ValueError(
+                f"The {TASK!r} pipeline has no option {', '.join(map(repr, sorted(unknown)))}; it takes "
+                f"{', '.join(OPTIONS)}, batch_size and num_workers."
+            )
+        for name, value in (("num_beams", num_beams), ("max_length", max_length), ("top_k", top_k)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"`threshold` must be a probability in [0, 1], got {threshold!r}.")
         preprocess = {"max_length": max_length} if max_length is not None else {}
         forward = {"num_beams": num_beams} if num_beams is not None else {}
-        return preprocess, forward, {}
+        postprocess = {k: v for k, v in (("top_k", top_k), ("threshold", threshold)) if v is not None}
+        return preprocess, forward, postprocess
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """`Pipeline.__call__`; a list with ``batch_size`` > 1 is batched as `predict_labels` batches it."""
+        batch_size = kwargs.get("batch_size") or self._batch_size or 1
+        if not isinstance(inputs, list) or args or batch_size == 1 or kwargs.get("num_workers"):
+            return super().__call__(inputs, *args, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")}
+        stages = zip((self._preprocess_params, self._forward_params, self._postprocess_params),
+                     self._sanitize_parameters(**kwargs))  # fmt: skip
+        preprocess, forward, postprocess = ({**default, **given} for default, given in stages)
+        return self._run_sorted(inputs, batch_size, preprocess, forward, postprocess)
+
+    def _run_sorted(
+        self, texts: list[Any], batch_size: int, preprocess: dict, forward: dict, postprocess: dict
+    ) -> list[list[dict[str, Any]]]:
+        """Texts sorted by length, cut into batches of ``batch_size``, as `predict_labels` does: little padding,
+        and the same batches, so the same numbers (Pipeline's own loader pads batches in input order)."""
+        results: list[Any] = [None] * len(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]) if isinstance(texts[i], str) else 0)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            outputs = self.forward(self._encode([texts[i] for i in chunk], **preprocess), **forward)
+            for row, i in enumerate(chunk):
+                results[i] = self.postprocess({k: v[row : row + 1] for k, v in outputs.items()}, **postprocess)
+        return results
 
     def preprocess(self, text: str, max_length: int | None = None) -> dict[str, Any]:
-        if not isinstance(text, str):
-            raise ValueError(f"The pipeline takes strings, got {type(text).__name__}.")
-        if not text.strip():
-            raise ValueError("The pipeline got an empty text; pass a non-empty document.")
+        return self._encode([text], max_length)
+
+    def _encode(self, texts: list[str], max_length: int | None = None) -> dict[str, Any]:
+        """Checked texts -> a padded batch ``[b, s]`` (truncated to ``max_length``, default the tokenizer's limit)."""
+        for text in texts:
+            if not isinstance(text, str):
+                raise ValueError(f"The pipeline takes strings, got {type(text).__name__}.")
+            if not text.strip():
+                raise ValueError("The pipeline got an empty text; pass a non-empty document.")
         limit = max_length or min(self.tokenizer.model_max_length, 100_000)
         if self.model.config.position_embedding_type == "learned":  # as predict_labels: a learned table ends
             limit = min(limit, self.model.config.max_position_embeddings)
-        return self.tokenizer(text, truncation=True, max_length=limit, return_tensors="pt")
+        return self.tokenizer(texts, truncation=True, max_length=limit, padding=True, return_tensors="pt")
 
-    def _forward(self, model_inputs: dict[str, Any], num_beams: int = 1) -> dict[str, Any]:
-        scored = self.model.predict_batch(model_inputs["input_ids"], model_inputs["attention_mask"], num_beams)
-        return {"scored": scored[0]}
+    def _forward(self, model_inputs: dict[str, Any], num_beams: int = 1) -> dict[str, torch.Tensor]:
+        """A padded batch ``[b, s]`` -> the model's labels ``[b, k]`` (label ids, -1 after the last) and their
+        probabilities ``[b, k]``: tensors, so that `Pipeline` can split a batch into rows."""
+        rows = self.model.predict_batch(model_inputs["input_ids"], model_inputs["attention_mask"], num_beams)
+        width = max([len(row) for row in rows] + [1])
+        label_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+        scores = torch.zeros(len(rows), width, dtype=torch.float64)
+        for i, row in enumerate(rows):
+            for j, (label, score) in enumerate(row.items()):
+                label_ids[i, j], scores[i, j] = self.model.config.label2id[label], score
+        return {"label_ids": label_ids, "scores": scores}
 
-    def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{"label": label, "score": float(score)} for label, score in model_outputs["scored"].items()]
+    def postprocess(
+        self, model_outputs: dict[str, torch.Tensor], top_k: int | None = None, threshold: float | None = None
+    ) -> list[dict[str, Any]]:
+        id2label = self.model.config.id2label
+        found = [
+            {"label": id2label[int(i)], "score": float(score)}
+            for i, score in zip(model_outputs["label_ids"][0], model_outputs["scores"][0])
+            if i >= 0 and (threshold is None or score >= threshold)
+        ]
+        if top_k is not None:
+            found = sorted(found, key=lambda item: -item["score"])[:top_k]  # stable: ties keep the model's order
+        return found
 
 
-__all__ = ["TASK", "MultiLabelGenerationPipeline"]
+__all__ = ["OPTIONS", "TASK", "MultiLabelGenerationPipeline"]
