@@ -12,6 +12,8 @@ own packages.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import Any
 
@@ -63,6 +65,12 @@ def _check_probability(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
 
 
+def label_fingerprint(id2label: dict[int, str]) -> str:
+    """A short hash of the label names in id order: what the label head's rows were trained as."""
+    names = [id2label[i] for i in sorted(id2label)]
+    return hashlib.sha256(json.dumps(names, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def _is_finite_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -109,6 +117,11 @@ class LabelformerConfig(PretrainedConfig):
         lexical_scorer: The multi-label heads hold the optional hybrid part `LexicalLabelScorer`
             (``modeling/lexical_labelformer.py``): a linear model over the tf-idf bag of the input ids,
             fit with scikit-learn, whose scaled margins ``forward()`` adds to the label logits.
+        label_fingerprint: Hash of the label names in id order (`label_fingerprint`), set by
+            `from_labels`; loading checks ``id2label`` against it, so renamed or reordered labels are
+            refused instead of silently mislabelling predictions. ``None``: not checked.
+        tokenizer_fingerprint: Hash of the training tokenizer's vocabulary, set by the training
+            script; `predict_labels` refuses a different tokenizer. ``None``: only sizes are checked.
     """
 
     model_type = "labelformer"
@@ -151,6 +164,8 @@ class LabelformerConfig(PretrainedConfig):
         num_label_slots: int | None = None,
         classifier_pooling: str = "mean",
         lexical_scorer: bool = False,
+        label_fingerprint: str | None = None,
+        tokenizer_fingerprint: str | None = None,
         pad_token_id: int = PAD_TOKEN_ID,
         bos_token_id: int = BOS_TOKEN_ID,
         eos_token_id: int = EOS_TOKEN_ID,
@@ -193,6 +208,8 @@ class LabelformerConfig(PretrainedConfig):
         self.num_label_slots = num_label_slots
         self.classifier_pooling = classifier_pooling
         self.lexical_scorer = lexical_scorer
+        self.label_fingerprint = label_fingerprint
+        self.tokenizer_fingerprint = tokenizer_fingerprint
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -244,6 +261,8 @@ class LabelformerConfig(PretrainedConfig):
                 f"`share_embeddings=True` needs `vocab_size` ({self.vocab_size}) == `decoder_vocab_size` "
                 f"({self.decoder_vocab_size}); set `share_embeddings=False` or make them equal."
             )
+        if self.num_labels < 1:
+            raise ValueError("`id2label` is empty (`num_labels` 0): a Labelformer config needs at least one label.")
         _check_int("min_labels", self.min_labels, 0)
         if self.max_labels is not None:
             _check_int("max_labels", self.max_labels, 1)
@@ -259,6 +278,19 @@ class LabelformerConfig(PretrainedConfig):
                 raise ValueError(
                     f"`{name}` ({value}) must be a valid decoder token id in [0, {self.decoder_vocab_size})."
                 )
+
+    def verify_label_fingerprint(self) -> None:
+        """Raise ``ValueError`` if ``id2label``/``label2id`` disagree with each other or with ``label_fingerprint``."""
+        if self.label2id and {v: k for k, v in self.id2label.items()} != {k: int(v) for k, v in self.label2id.items()}:
+            raise ValueError(
+                "`label2id` is not the inverse of `id2label`: restore the label maps the model was saved with."
+            )
+        if self.label_fingerprint is not None and label_fingerprint(self.id2label) != self.label_fingerprint:
+            raise ValueError(
+                "`id2label` differs from the labels the model was trained with (its `label_fingerprint` "
+                f"{self.label_fingerprint} does not match): labels were renamed or reordered, which would mislabel "
+                "every prediction. Restore the saved id2label/label2id."
+            )
 
     @property
     def is_label_model(self) -> bool:
@@ -283,6 +315,7 @@ class LabelformerConfig(PretrainedConfig):
             id2label=id2label,
             label2id={label: i for i, label in id2label.items()},
             decoder_vocab_size=len(labels) + NUM_SPECIAL_DECODER_TOKENS,
+            label_fingerprint=label_fingerprint(id2label),
             **kwargs,
         )
 
@@ -303,4 +336,5 @@ __all__ = [
     "NUM_SPECIAL_DECODER_TOKENS",
     "PAD_TOKEN_ID",
     "LabelformerConfig",
+    "label_fingerprint",
 ]

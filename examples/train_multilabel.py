@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,15 +45,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from training_utils import (  # noqa: E402
     TrainingError,
-    check_output_dir,
+    apply_learning_rate,
+    check_finite_update,
+    check_finite_weights_after_step,
     find_checkpoint,
     global_mean_loss,
-    list_checkpoints,
     make_optimizer,
     predict_split,
+    prepare_output_dir,
     quiesce_process_group,
     save_checkpoint,
     save_model,
+    verify_checkpoint,
 )
 
 from modeling import (  # noqa: E402
@@ -148,13 +150,8 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     )
     for noisy in ("accelerate", "matplotlib", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    checkpoint = find_checkpoint(args)
     if accelerator.is_main_process:
-        check_output_dir(args)
-        if args.overwrite_output_dir and not checkpoint and Path(args.output_dir).exists():
-            shutil.rmtree(args.output_dir)
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        write_json(vars(args), Path(args.output_dir) / "training_args.json")
+        prepare_output_dir(args)  # cleans up after a killed run; never deletes files a run does not write
     accelerator.wait_for_everyone()
     set_seed(args.seed)
 
@@ -165,6 +162,9 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed, max_train_samples=args.max_train_samples,
     )  # fmt: skip
     train_labels = data["train"]["labels"]
+    checkpoint = find_checkpoint(args)
+    if checkpoint is not None:
+        verify_checkpoint(checkpoint, args, accelerator.num_processes)
     labels = build_label_vocabulary(train_labels, allow_empty=args.allow_empty_labels)
     label2id = {label: i for i, label in enumerate(labels)}
     for split in ("validation", "test"):
@@ -213,24 +213,23 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         model.train()
         train_loader.set_epoch(state["epoch"])
         collator.epoch = state["epoch"]
+    apply_learning_rate(scheduler, args.learning_rate, state)  # a resume may lower it (see its docstring)
+    if accelerator.is_main_process:  # the flags, and which learning rate trained which steps
+        run_args = {**vars(args), "learning_rates": state["learning_rates"]}
+        write_json(run_args, Path(args.output_dir) / "training_args.json")
         skip = state["batches_done"]
         for batch in accelerator.skip_first_batches(train_loader, skip) if skip else train_loader:
             loss = global_mean_loss(accelerator, model, batch)
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            logged = accelerator.reduce(loss.detach(), reduction="mean").item()
+            check_finite_update(logged, grad_norm, state, args.output_dir)  # NaN/inf: stop before the step
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
             state["batches_done"] += 1
             state["global_step"] += 1
-            logged = accelerator.reduce(loss.detach(), reduction="mean").item()
-            if not math.isfinite(logged):
-                found = list_checkpoints(args.output_dir)
-                raise TrainingError(
-                    f"The training loss became {logged} at step {state['global_step']}. Nothing after the last "
-                    f"checkpoint was saved ({found[-1] if found else 'none yet'}). Lower --learning_rate or check "
-                    "the data, then resume with --resume_from_checkpoint latest."
-                )
+            check_finite_weights_after_step(model, state, args.output_dir)  # so no saved weight is NaN/inf
             bar.update(1)
             bar.set_postfix(loss=f"{logged:.4f}")
             state["history"].append({"step": state["global_step"], "loss": logged})
@@ -414,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         training_function(args)
-    except (TrainingError, ValueError, FileNotFoundError) as error:
+    except (TrainingError, ValueError, OSError) as error:  # OSError: unreadable input, full disk, read-only folder
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Finished in {time.time() - start:.0f} s")

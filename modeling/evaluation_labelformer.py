@@ -167,7 +167,7 @@ def plot_training_curve(history: list[dict[str, float]], path: str | os.PathLike
 def write_json(data: Any, path: str | os.PathLike) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")  # see `recover_directories`
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -184,18 +184,47 @@ def atomic_directory(target: str | os.PathLike, write: Callable[[Path], None]) -
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
     try:
         write(tmp)
-        if target.exists():
-            old = target.with_name(f".old-{target.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the complete folder ``new`` to ``target``, replacing an existing ``target`` by two renames.
+
+    A kill between the renames leaves the old copy as ``.old-<name>`` beside a missing ``target``;
+    `recover_directories` puts it back (the training script calls it at start).
+    """
+    if target.exists():
+        old = target.with_name(f".old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def recover_directories(folder: Path) -> list[str]:
+    """Undo what a kill inside `atomic_directory` / `replace_directory` left in ``folder``.
+
+    An ``.old-<name>`` whose ``<name>`` is missing is renamed back; other ``.old-*`` and every
+    half-written ``.tmp-*`` are deleted. Returns the names restored or removed.
+    """
+    touched = []
+    for entry in sorted(folder.glob(".old-*")):
+        target = folder / entry.name[len(".old-") :]
+        if target.exists():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            os.replace(entry, target)
+        touched.append(entry.name)
+    for entry in sorted(folder.glob(".tmp-*")):
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+        touched.append(entry.name)
+    return touched
 
 
 __all__ = [
@@ -205,6 +234,8 @@ __all__ = [
     "per_label_table",
     "plot_training_curve",
     "predict_texts",
+    "recover_directories",
+    "replace_directory",
     "calibrate_lexical_scale",
     "calibrate_threshold_head",
     "micro_f1",

@@ -5,7 +5,61 @@ This file is copied into saved model folders and must only import our own code r
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Any
+
+#: The manifest beside saved weights and in checkpoints: one ``<sha256>  <file name>`` line per file,
+#: the format of ``sha256sum`` (``sha256sum -c checksums.sha256`` checks a folder by hand).
+CHECKSUMS_FILE = "checksums.sha256"
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: str | os.PathLike, names: list[str] | None = None) -> None:
+    """Write ``folder/checksums.sha256`` for ``names`` (default: every file in ``folder``)."""
+    folder = Path(folder)
+    if names is None:
+        names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS_FILE)
+    lines = "".join(f"{sha256_of(folder / name)}  {name}\n" for name in names)
+    tmp = folder / f".{CHECKSUMS_FILE}.tmp"
+    tmp.write_text(lines)
+    os.replace(tmp, folder / CHECKSUMS_FILE)
+
+
+def verify_checksums(folder: str | os.PathLike) -> bool:
+    """Check every file ``folder/checksums.sha256`` lists; False when the folder has no manifest.
+
+    Raises:
+        ValueError: a listed file is missing or its sha256 differs (the message names it).
+    """
+    folder = Path(folder)
+    manifest = folder / CHECKSUMS_FILE
+    if not manifest.is_file():
+        return False
+    for line in manifest.read_text().splitlines():
+        expected, _, name = line.partition("  ")
+        if not name:
+            raise ValueError(f"{manifest} is malformed (line {line!r}); expected '<sha256>  <file name>' lines.")
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(
+                f"{path} is missing: {manifest} lists it. The folder is incomplete; save or copy it again."
+            )
+        if sha256_of(path) != expected:
+            raise ValueError(
+                f"{path} is corrupt: its sha256 differs from the one in {manifest} (the file changed after it was "
+                "saved, e.g. a bad copy or disk). Save, copy or download it again."
+            )
+    return True
 
 
 class StrictLoadingMixin:
@@ -35,7 +89,10 @@ class StrictLoadingMixin:
         Weights load from safetensors only (never pickle). A checkpoint that lacks weights the
         model needs, or whose tensors do not fit its config (e.g. label maps naming more or fewer
         labels than the head was trained with), raises ``ValueError`` instead of silently
-        initialising weights at random. Pass ``strict=False`` to allow missing weights.
+        initialising weights at random. A local folder's weights are checked against its
+        ``checksums.sha256`` and the label maps against the config's ``label_fingerprint``
+        (``ValueError`` naming what differs). Pass ``strict=False`` to skip these checks and allow
+        missing weights.
         """
         kwargs.setdefault("use_safetensors", True)
         strict = kwargs.pop("strict", True)
@@ -58,6 +115,10 @@ class StrictLoadingMixin:
                 f"{source!r} is not a complete {cls.__name__} checkpoint: {problems}. "
                 "Load it with the class it was saved from, or pass strict=False to initialise these at random."
             )
+        if strict and os.path.isdir(source):
+            verify_checksums(Path(source, kwargs.get("subfolder") or ""))
+        if strict:
+            model.config.verify_label_fingerprint()
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: str | Any, *args: Any, **kwargs: Any) -> Any:
@@ -65,11 +126,16 @@ class StrictLoadingMixin:
 
         A class registers for one auto class only; the bare model is added by hand so that
         ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works from any head's folder.
+        The weight files get a ``checksums.sha256`` manifest that `from_pretrained` verifies.
         """
         # Start from a clean map: a config shared with (or loaded from) another head must not keep
         # that head's entry. The config and this class add their own entries while saving.
         self.config.auto_map = {"AutoModel": "modeling_labelformer.LabelformerModel"}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            weights = sorted(p.name for p in Path(save_directory).iterdir() if ".safetensors" in p.name)
+            write_checksums(save_directory, weights)
+        return result
 
 
-__all__ = ["StrictLoadingMixin"]
+__all__ = ["CHECKSUMS_FILE", "StrictLoadingMixin", "sha256_of", "verify_checksums", "write_checksums"]

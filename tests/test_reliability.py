@@ -1,0 +1,338 @@
+"""Nothing lost, nothing silent: what a kill, a NaN, a full disk, a corrupt file and bad input do.
+
+Each test here is a row of the README's "Guarantees" table. Training runs go through the script's
+``main()`` in this process with ``--preset tiny`` for one epoch (seconds each) on the 160-document
+Reuters slice of ``data_files``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling.evaluation_labelformer import recover_directories, replace_directory
+
+from .test_train_multilabel import TINY, data_args, load_script
+
+FAST = [*TINY, "--epochs", "1", "--no-lexical_scorer", "--num_beams", "1"]
+
+
+@pytest.fixture
+def script():
+    """The training script as a module; Accelerate's process-wide state is reset after each use."""
+    yield load_script()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def all_finite(checkpoint: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite_output_dir
+# ---------------------------------------------------------------------------------------------
+
+
+def test_overwrite_removes_only_what_a_run_writes(script, tmp_path, data_files, capsys):
+    out = tmp_path / "out"
+    (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)  # an earlier run's outputs
+    (out / "history.json").write_text("[]")
+    (out / "notes.txt").write_text("keep me")  # the user's own files
+    train = out / "train.jsonl"
+    shutil.copy(data_files["train"], train)
+    argv = [*FAST, *data_args({**data_files, "train": str(train)}), "--output_dir", str(out), "--overwrite_output_dir"]
+    assert script.main(argv) == 0, capsys.readouterr().err[-3000:]
+    assert (out / "notes.txt").read_text() == "keep me" and train.read_bytes() == Path(data_files["train"]).read_bytes()
+    assert not (out / "checkpoints" / "checkpoint-3").exists() and (out / "model.safetensors").is_file()
+
+
+def test_overwrite_never_deletes_an_input_file(script, tmp_path, data_files, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    train = out / "history.json"  # a name the run writes, holding this run's training data (JSON lines)
+    shutil.copy(data_files["train"], train)
+    argv = [*FAST, *data_args({**data_files, "train": str(train)}), "--output_dir", str(out), "--overwrite_output_dir"]
+    assert script.main(argv) == 2
+    assert "would delete" in capsys.readouterr().err and train.read_bytes() == Path(data_files["train"]).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN and infinity
+# ---------------------------------------------------------------------------------------------
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss whose backward pass blows up."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+@pytest.mark.parametrize("fault", ["nan_loss", "nan_gradient", "inf_weights", "huge_learning_rate"])
+def test_non_finite_training_stops_and_every_saved_checkpoint_is_finite(
+    script, monkeypatch, tmp_path, data_files, capsys, fault
+):
+    out = tmp_path / "out"
+    argv = [*FAST, *data_args(data_files), "--output_dir", str(out), "--save_every_steps", "1"]
+    calls = {"loss": 0, "step": 0}
+    real_loss, real_step = script.global_mean_loss, torch.optim.AdamW.step
+
+    def loss_at_step_3(accelerator, model, batch):
+        calls["loss"] += 1
+        loss = real_loss(accelerator, model, batch)
+        if calls["loss"] == 3:
+            loss = loss * float("nan") if fault == "nan_loss" else _NanGradient.apply(loss)
+        return loss
+
+    def step_then_break_a_weight(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls["step"] += 1
+        if calls["step"] == 3:
+            self.param_groups[0]["params"][0].data.fill_(float("inf"))
+        return result
+
+    if fault in ("nan_loss", "nan_gradient"):
+        monkeypatch.setattr(script, "global_mean_loss", loss_at_step_3)
+    elif fault == "inf_weights":
+        monkeypatch.setattr(torch.optim.AdamW, "step", step_then_break_a_weight)
+    else:
+        argv += ["--learning_rate", "1e30"]
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not finite" in err or "became NaN or infinite" in err, err[-2000:]
+    assert "--resume_from_checkpoint latest" in err
+    saved = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert all(all_finite(checkpoint) for checkpoint in saved)
+    if fault == "huge_learning_rate":  # no warmup in one epoch: the first step already overflows
+        assert not saved and "No checkpoint was written yet" in err
+    else:  # the checkpoint the message names is the newest, and it is finite
+        assert saved[-1].name == "checkpoint-2" and str(saved[-1]) in err
+    assert not (out / "test_metrics.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: a new learning rate, changed flags, corrupt or incomplete checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stopped_run(script, tmp_path, data_files, capsys) -> tuple[Path, list[str]]:
+    """A run stopped after 5 of its 9 steps, with checkpoint-5; returns its folder and flags."""
+    out = tmp_path / "out"
+    argv = [*FAST, *data_args(data_files), "--output_dir", str(out), "--save_every_steps", "5"]
+    assert script.main([*argv, "--stop_after_steps", "5"]) == 0, capsys.readouterr().err[-3000:]
+    assert (out / "checkpoints" / "checkpoint-5" / "checksums.sha256").is_file()
+    return out, argv
+
+
+def test_resume_applies_a_new_learning_rate_and_records_it(script, stopped_run, caplog):
+    out, argv = stopped_run
+    assert script.main([*argv, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-4"]) == 0
+    assert "--learning_rate 0.0001 replaces 0.002 from step 5" in caplog.text
+    scheduler = torch.load(out / "checkpoints" / "checkpoint-9" / "scheduler.bin", weights_only=False)
+    assert scheduler["base_lrs"] == [1e-4, 1e-4]
+    recorded = json.loads((out / "training_args.json").read_text())
+    assert recorded["learning_rate"] == 1e-4
+    assert recorded["learning_rates"] == [{"step": 0, "learning_rate": 2e-3}, {"step": 5, "learning_rate": 1e-4}]
+
+
+def test_resume_refuses_changed_flags(script, stopped_run, capsys):
+    out, argv = stopped_run
+    assert script.main([*argv, "--resume_from_checkpoint", "latest", "--batch_size", "8"]) == 2
+    assert "--batch_size 16 -> 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("flip_weights", "model.safetensors is corrupt"),
+        ("truncate_random_states", "random_states_0.pkl is corrupt"),
+        ("delete_random_states", "random_states_0.pkl is missing"),
+        ("delete_manifest_and_random_states", "random_states_0.pkl is missing"),
+    ],
+)
+def test_resume_refuses_a_corrupt_or_incomplete_checkpoint(script, stopped_run, capsys, damage, message):
+    out, argv = stopped_run
+    checkpoint = out / "checkpoints" / "checkpoint-5"
+    if damage == "flip_weights":
+        data = bytearray((checkpoint / "model.safetensors").read_bytes())
+        for i in range(len(data) - 2000, len(data), 7):  # bits in the tensor data, not the header
+            data[i] ^= 0x10
+        (checkpoint / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "truncate_random_states":
+        path = checkpoint / "random_states_0.pkl"
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        if damage == "delete_manifest_and_random_states":
+            (checkpoint / "checksums.sha256").unlink()
+        (checkpoint / "random_states_0.pkl").unlink()
+    assert script.main([*argv, "--resume_from_checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err, err[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kills during a save, stale temporaries, full disks
+# ---------------------------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: raised from inside a rename, it leaves the folders as a kill would."""
+
+
+@pytest.mark.parametrize("kill_at", ["first_rename", "second_rename", "old_copy_removal"])
+def test_a_kill_at_any_instant_of_a_folder_swap_leaves_a_complete_copy(monkeypatch, tmp_path, kill_at):
+    target, new = tmp_path / "checkpoint-9", tmp_path / ".tmp-checkpoint-9"
+    for folder, content in ((target, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(content)
+    renames, real_replace = [], __import__("os").replace
+
+    def replace(src, dst):
+        renames.append(dst)
+        if (kill_at, len(renames)) in (("first_rename", 1), ("second_rename", 2)):
+            raise Killed
+        return real_replace(src, dst)
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, ignore_errors=False):
+        if Path(path).name.startswith(".old-") and Path(path).exists():
+            raise Killed
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr("os.replace", replace)
+    if kill_at == "old_copy_removal":
+        monkeypatch.setattr("shutil.rmtree", rmtree)
+    with pytest.raises(Killed):
+        replace_directory(new, target)
+    monkeypatch.undo()
+    recover_directories(tmp_path)  # what the next start does
+    assert (target / "model.safetensors").read_text() in ("old", "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-9"]
+
+
+def test_an_interrupted_resave_of_the_same_step_keeps_the_checkpoint(script, stopped_run, monkeypatch):
+    """The epoch-end save of a step that was already saved (``--save_every_steps`` = steps per epoch)."""
+    out, argv = stopped_run
+    checkpoint = out / "checkpoints" / "checkpoint-5"
+    before = (checkpoint / "model.safetensors").read_bytes()
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    real_replace = __import__("os").replace
+
+    def replace(src, dst):
+        if Path(dst) == checkpoint and Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt  # between moving the old copy aside and moving the new one in
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("os.replace", replace)
+    args = script.parse_args([*argv])
+    with pytest.raises(KeyboardInterrupt):
+        script.save_checkpoint(accelerator, args, {"global_step": 5})
+    monkeypatch.undo()
+    del model
+    script.prepare_output_dir(script.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+    assert (checkpoint / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-5"]
+
+
+def test_stale_temporaries_are_removed_at_the_next_start(script, stopped_run, capsys):
+    out, argv = stopped_run
+    stale = [out / "checkpoints" / ".tmp-checkpoint-7", out / ".tmp-best_model-x1y2", out / ".tmp-tokenizer-abc"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+    (out / ".tmp-history.json-k3j4").write_text("[")  # from write_json
+    assert script.main([*argv, "--resume_from_checkpoint", "latest"]) == 0, capsys.readouterr().err[-3000:]
+    assert not any(p.exists() for p in stale) and not (out / ".tmp-history.json-k3j4").exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EROFS, "Read-only file system"),
+        RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0 basic_ios::clear"),
+    ],
+    ids=["disk_full", "read_only", "torch_stream_error"],
+)
+def test_a_failed_write_is_a_clear_exit_2_message(script, monkeypatch, tmp_path, data_files, capsys, error):
+    def failing_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise error
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    out = tmp_path / "out"
+    assert script.main([*FAST, *data_args(data_files), "--output_dir", str(out), "--save_every_steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "error: Could not write" in err and "checkpoint-3" in err and "Traceback" not in err, err[-2000:]
+    assert not list((out / "checkpoints").iterdir())  # the half-written copy is gone too
+
+
+def test_an_output_dir_that_cannot_be_created_is_a_clear_exit_2_message(script, tmp_path, data_files, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert script.main([*FAST, *data_args(data_files), "--output_dir", str(tmp_path / "a_file" / "out")]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved model folders: corrupt weights, edited label maps
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_model(tmp_path) -> Path:
+    from modeling import LabelformerConfig, LabelformerForMultiLabelGeneration
+
+    from .conftest import TINY
+
+    config = LabelformerConfig.from_labels(["earn", "acq", "grain"], **TINY)
+    LabelformerForMultiLabelGeneration(config).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_loading_a_saved_model_with_flipped_bits_is_refused(saved_model):
+    from modeling import LabelformerForMultiLabelGeneration
+
+    assert (saved_model / "checksums.sha256").read_text().endswith("  model.safetensors\n")
+    LabelformerForMultiLabelGeneration.from_pretrained(saved_model)  # intact: loads
+    data = bytearray((saved_model / "model.safetensors").read_bytes())
+    for i in range(len(data) - 4000, len(data), 2):  # 2,000 flipped bits in the tensor data
+        data[i] ^= 0x01
+    (saved_model / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors is corrupt: its sha256 differs"):
+        LabelformerForMultiLabelGeneration.from_pretrained(saved_model)
+    LabelformerForMultiLabelGeneration.from_pretrained(saved_model, strict=False)  # on request, as it is
+
+
+def test_loading_a_model_whose_label_names_were_swapped_is_refused(saved_model):
+    from modeling import LabelformerForMultiLabelGeneration
+
+    config = json.loads((saved_model / "config.json").read_text())
+    config["id2label"]["0"], config["id2label"]["1"] = config["id2label"]["1"], config["id2label"]["0"]
+    config["label2id"] = {name: int(i) for i, name in config["id2label"].items()}
+    (saved_model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="`id2label` differs from the labels the model was trained with"):
+        LabelformerForMultiLabelGeneration.from_pretrained(saved_model)
+    del config["label2id"]["acq"]  # label2id alone edited
+    config["id2label"]["0"], config["id2label"]["1"] = "earn", "acq"
+    config["label2id"]["earn"], config["label2id"]["acq"] = 1, 0
+    (saved_model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="`label2id` is not the inverse of `id2label`"):
+        LabelformerForMultiLabelGeneration.from_pretrained(saved_model)
