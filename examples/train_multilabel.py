@@ -153,6 +153,9 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     if accelerator.is_main_process:
         prepare_output_dir(args)  # cleans up after a killed run; never deletes files a run does not write
     accelerator.wait_for_everyone()
+    checkpoint = find_checkpoint(args)
+    if checkpoint is not None:
+        verify_checkpoint(checkpoint, args, accelerator.num_processes)
     set_seed(args.seed)
 
     # ---- data, tokenizer, model
@@ -162,9 +165,6 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed, max_train_samples=args.max_train_samples,
     )  # fmt: skip
     train_labels = data["train"]["labels"]
-    checkpoint = find_checkpoint(args)
-    if checkpoint is not None:
-        verify_checkpoint(checkpoint, args, accelerator.num_processes)
     labels = build_label_vocabulary(train_labels, allow_empty=args.allow_empty_labels)
     label2id = {label: i for i, label in enumerate(labels)}
     for split in ("validation", "test"):
@@ -204,6 +204,10 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         logger.info("resumed from %s (epoch %d, step %d)", checkpoint, state["epoch"], state["global_step"])
+    apply_learning_rate(scheduler, args.learning_rate, state)  # a resume may lower it (see its docstring)
+    if accelerator.is_main_process:  # the flags, and which learning rate trained which steps
+        run_args = {**vars(args), "learning_rates": state["learning_rates"]}
+        write_json(run_args, Path(args.output_dir) / "training_args.json")
 
     # ---- training loop
     best_dir = Path(args.output_dir) / "best_model"
@@ -213,10 +217,6 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         model.train()
         train_loader.set_epoch(state["epoch"])
         collator.epoch = state["epoch"]
-    apply_learning_rate(scheduler, args.learning_rate, state)  # a resume may lower it (see its docstring)
-    if accelerator.is_main_process:  # the flags, and which learning rate trained which steps
-        run_args = {**vars(args), "learning_rates": state["learning_rates"]}
-        write_json(run_args, Path(args.output_dir) / "training_args.json")
         skip = state["batches_done"]
         for batch in accelerator.skip_first_batches(train_loader, skip) if skip else train_loader:
             loss = global_mean_loss(accelerator, model, batch)
