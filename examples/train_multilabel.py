@@ -83,6 +83,7 @@ from modeling.evaluation_labelformer import (  # noqa: E402
     write_json,
 )
 from modeling.hub_labelformer import TRAINING_DATA_FILE, build_model_card, describe_training_data  # noqa: E402
+from modeling.prediction_labelformer import tokenizer_fingerprint  # noqa: E402
 from modeling.tokenization_labelformer import save_tokenizer  # noqa: E402
 
 logger = logging.getLogger("train_multilabel")
@@ -131,6 +132,7 @@ def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labe
         min_labels=0 if args.allow_empty_labels else 1,
         max_labels=args.max_labels or max_labels_seen,
         scheduled_sampling_prob=args.scheduled_sampling,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),  # predict_labels refuses any other tokenizer
     )
     return HEADS[args.head](config)
 

@@ -10,7 +10,10 @@ This file is copied into saved model folders and must only import our own code r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,23 +27,45 @@ from .pipeline_labelformer import MultiLabelGenerationPipeline
 
 _TOKENIZERS: dict[str, Any] = {}
 _TOKENIZERS_LOCK = threading.Lock()
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (size, fingerprint)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of a tokenizer's vocabulary (token -> id); stored as ``config.tokenizer_fingerprint``."""
+    cached = _FINGERPRINTS.get(tokenizer)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    fingerprint = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+    _FINGERPRINTS[tokenizer] = (len(tokenizer), fingerprint)
+    return fingerprint
 
 
 def check_texts(texts: str | Sequence[str], allow_empty: bool = False) -> list[str]:
     """Validate raw texts; a single string counts as a list of one.
 
     Raises:
-        ValueError: a text is not a string, or is empty/blank (unless ``allow_empty``); names its index.
+        ValueError: a text is not a string, is empty/blank (unless ``allow_empty``) or holds a lone
+            surrogate (not encodable Unicode); names its index.
     """
     if isinstance(texts, str):
         texts = [texts]
-    if not isinstance(texts, Sequence):
-        raise ValueError(f"`texts` must be a string or a list of strings, got {type(texts).__name__}.")
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
+        raise ValueError(
+            f"`texts` must be a string or a list of strings, got {type(texts).__name__} (decode bytes first)."
+        )
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ValueError(f"Text at index {i} is a {type(text).__name__}, not a string.")
+            raise ValueError(f"`texts[{i}]` is a {type(text).__name__}, not a string (decode bytes first).")
         if not allow_empty and not text.strip():
-            raise ValueError(f"Text at index {i} is empty; pass a non-empty document (or allow_empty=True).")
+            raise ValueError(f"`texts[{i}]` is empty; pass a non-empty document (or allow_empty=True).")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"`texts[{i}]` is not valid Unicode: a lone surrogate at character {error.start}. Decode the "
+                "source with errors='replace' (or fix it) first."
+            ) from None
     return list(texts)
 
 
@@ -87,8 +112,10 @@ class MultiLabelPredictionMixin:
             if source not in _TOKENIZERS:
                 from transformers import AutoTokenizer
 
-                try:  # our tokenizers are plain `PreTrainedTokenizerFast`s: no custom code to trust
-                    _TOKENIZERS[source] = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+                try:  # a plain fast tokenizer: no custom code to trust; our config, so AutoTokenizer reads none
+                    _TOKENIZERS[source] = AutoTokenizer.from_pretrained(
+                        source, config=self.config, trust_remote_code=False
+                    )
                 except Exception as error:  # no tokenizer saved beside the model, or no path at all
                     raise ValueError(
                         "predict_labels needs a tokenizer: pass tokenizer=..., or load the model from a folder "
@@ -115,7 +142,8 @@ class MultiLabelPredictionMixin:
             num_beams: beam width for the generation head (1 = greedy); ignored by the other heads.
             batch_size: texts per forward pass (texts are sorted by length to pad little).
             return_scores: return ``{label: probability}`` dicts instead of lists of names.
-            max_length: truncate texts to this many tokens (default: the tokenizer's limit).
+            max_length: truncate texts to this many tokens (default: the tokenizer's limit, at most
+                ``config.max_position_embeddings``, so a huge text costs no more than a long one).
             allow_empty: accept empty texts (the model then sees only its special tokens).
 
         Returns:
@@ -124,10 +152,11 @@ class MultiLabelPredictionMixin:
         """
         if self.training:
             raise ValueError("predict_labels needs the model in eval mode (dropout off): call model.eval() first.")
-        if not isinstance(num_beams, int) or num_beams < 1 or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(
-                f"`num_beams` and `batch_size` must be integers >= 1, got {num_beams!r} and {batch_size!r}."
-            )
+        for name, value in (("num_beams", num_beams), ("batch_size", batch_size), ("max_length", max_length)):
+            if (value is not None or name != "max_length") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
         texts = check_texts(texts, allow_empty)
         check_finite_weights(self)
         tokenizer = self._resolve_tokenizer(tokenizer)
@@ -136,10 +165,14 @@ class MultiLabelPredictionMixin:
                 f"The tokenizer has {len(tokenizer)} tokens but the model's `vocab_size` is "
                 f"{self.config.vocab_size}: this tokenizer does not belong to this model."
             )
+        expected = self.config.tokenizer_fingerprint
+        if expected is not None and tokenizer_fingerprint(tokenizer) != expected:
+            raise ValueError(
+                f"`tokenizer` is not the one this model was trained with (its vocabulary fingerprint differs from "
+                f"`config.tokenizer_fingerprint` {expected}): load the tokenizer saved beside the model."
+            )
         if max_length is None:
-            max_length = min(tokenizer.model_max_length, 100_000)
-            if self.config.position_embedding_type == "learned":
-                max_length = min(max_length, self.config.max_position_embeddings)
+            max_length = min(tokenizer.model_max_length, self.config.max_position_embeddings)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         results: list[dict[str, float] | None] = [None] * len(texts)
         for start in range(0, len(order), batch_size):
@@ -160,4 +193,11 @@ class MultiLabelPredictionMixin:
         raise NotImplementedError
 
 
-__all__ = ["MultiLabelPredictionMixin", "check_finite_weights", "check_texts", "lexical_scorer_of", "masked_mean"]
+__all__ = [
+    "MultiLabelPredictionMixin",
+    "check_finite_weights",
+    "check_texts",
+    "lexical_scorer_of",
+    "masked_mean",
+    "tokenizer_fingerprint",
+]

@@ -35,6 +35,7 @@ from .conftest import tiny_config
         ({"layer_norm_eps": 0}, "layer_norm_eps"),
         ({"init_std": float("nan")}, "init_std"),
         ({"eos_token_id": 99}, "eos_token_id"),
+        ({"num_labels": 0}, "id2label"),
     ],
 )
 def test_bad_values_raise_naming_the_field(overrides, field):

@@ -182,13 +182,13 @@ def test_predict_labels_errors(text_task, head):
     with pytest.raises(ValueError, match="eval mode"):  # a freshly built head is in training mode
         model.predict_labels(texts, tokenizer=tokenizer)
     model.eval()
-    with pytest.raises(ValueError, match="index 1 is empty"):
+    with pytest.raises(ValueError, match=r"`texts\[1\]` is empty"):
         model.predict_labels(["fine", "  "], tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="index 2 is a int"):
+    with pytest.raises(ValueError, match=r"`texts\[2\]` is a int"):
         model.predict_labels(["fine", "ok", 3], tokenizer=tokenizer)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         model.predict_labels(["fine"])
-    with pytest.raises(ValueError, match="`num_beams` and `batch_size`"):
+    with pytest.raises(ValueError, match="`num_beams` must be an integer >= 1"):
         model.predict_labels(["fine"], tokenizer=tokenizer, num_beams=0)
     big_tokenizer = train_tokenizer(
         ["x y z " * 40 + " ".join(f"w{i}" for i in range(200))], vocab_size=300, min_frequency=1

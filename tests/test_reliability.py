@@ -336,3 +336,65 @@ def test_loading_a_model_whose_label_names_were_swapped_is_refused(saved_model):
     (saved_model / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="`label2id` is not the inverse of `id2label`"):
         LabelformerForMultiLabelGeneration.from_pretrained(saved_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input to predict_labels
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    from .textdata import trained_text_model
+
+    return trained_text_model(steps=2)
+
+
+@pytest.mark.parametrize(
+    ("texts", "kwargs", "message"),
+    [
+        (["wheat prices"], {"num_beams": 0}, "`num_beams` must be an integer >= 1, got 0"),
+        (["wheat prices"], {"num_beams": -1}, "`num_beams` must be an integer >= 1, got -1"),
+        (["wheat prices"], {"batch_size": 0}, "`batch_size` must be an integer >= 1, got 0"),
+        (["wheat prices"], {"max_length": 0}, "`max_length` must be an integer >= 1, got 0"),
+        (["wheat prices"], {"max_length": -3}, "`max_length` must be an integer >= 1, got -3"),
+        (b"wheat prices", {}, "`texts` must be a string or a list of strings, got bytes"),
+        (["ok", b"wheat prices"], {}, "`texts[1]` is a bytes, not a string"),
+        (["wheat \ud800 prices"], {}, "`texts[0]` is not valid Unicode: a lone surrogate at character 6"),
+    ],
+)
+def test_predict_labels_refuses_bad_arguments_naming_them(text_model, texts, kwargs, message):
+    model, tokenizer = text_model
+    with pytest.raises(ValueError) as error:
+        model.predict_labels(texts, tokenizer, **kwargs)
+    assert message in str(error.value)
+
+
+def test_predict_labels_truncates_to_the_models_maximum_by_default(text_model, monkeypatch):
+    model, tokenizer = text_model
+    seen = []
+    real = type(model).predict_batch
+
+    def recording(self, input_ids, attention_mask, num_beams=1):
+        seen.append(input_ids.shape[1])
+        return real(self, input_ids, attention_mask, num_beams)
+
+    monkeypatch.setattr(type(model), "predict_batch", recording)
+    monkeypatch.setattr(tokenizer, "model_max_length", int(1e30))  # a tokenizer without a limit
+    assert model.predict_labels(["wheat " * 5000], tokenizer) == model.predict_labels(["wheat " * 600], tokenizer)
+    assert seen == [model.config.max_position_embeddings] * 2
+
+
+def test_predict_labels_refuses_another_tokenizer_of_the_same_size(text_model, monkeypatch):
+    from modeling import train_tokenizer
+    from modeling.prediction_labelformer import tokenizer_fingerprint
+
+    from .textdata import make_texts
+
+    model, tokenizer = text_model
+    monkeypatch.setattr(model.config, "tokenizer_fingerprint", tokenizer_fingerprint(tokenizer))
+    assert model.predict_labels(["wheat prices"], tokenizer)
+    other = train_tokenizer([r["text"].upper()[::-1] for r in make_texts(400, 1)], vocab_size=80, model_max_length=32)
+    assert len(other) <= len(tokenizer)
+    with pytest.raises(ValueError, match="`tokenizer` is not the one this model was trained with"):
+        model.predict_labels(["wheat prices"], other)

@@ -23,9 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from modeling import compute_multilabel_metrics
 from modeling.evaluation_labelformer import atomic_directory
+from modeling.loading_labelformer import verify_checksums
+from modeling.prediction_labelformer import tokenizer_fingerprint
 
 from .isolation import run_isolated
 
@@ -154,6 +157,9 @@ def test_training_writes_model_metrics_and_card(trained):
     assert [step for step, _ in losses(history)] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
     config = json.loads((out / "config.json").read_text())
+    # the tokenizer's fingerprint (predict_labels refuses another one) and the weights' checksums
+    assert config["tokenizer_fingerprint"] == tokenizer_fingerprint(AutoTokenizer.from_pretrained(out))
+    assert verify_checksums(out) and verify_checksums(out / "best_model")
     weights = load_file(out / "model.safetensors")
     calibration = results["calibration"]
     if head == "parallel":  # no hybrid part, nothing to calibrate: the Transformer is shipped as it is
