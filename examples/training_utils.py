@@ -45,7 +45,7 @@ RUN_OUTPUTS = (
     "checkpoints", "best_model", "tokenizer", "README.md", "config.json", "generation_config.json",
     "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "checksums.sha256",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*_labelformer.py", "history.json",
-    "per_label_metrics.md", "test_metrics.json", "training_args.json", "training_curve.png",
+    "per_label_metrics.md", "test_metrics.json", "training_args.json", "training_curve.png", "training_data.json",
 )  # fmt: skip
 #: Flags a resumed run may change; any other change is refused (the checkpoint's state assumes it).
 RESUMABLE_CHANGES = {

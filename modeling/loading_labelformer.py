@@ -75,6 +75,21 @@ class StrictLoadingMixin:
     def _tied_weights_keys(self) -> dict[str, str]:
         return self._tied_keys()
 
+    def post_init(self) -> None:
+        super().post_init()
+        # Tied weights are stored once. Trainer's load-best re-ties them, instead of warning that the checkpoint
+        # misses them, when the keys it misses are exactly `_keys_to_ignore_on_save` (which then drops nothing
+        # more: save_pretrained leaves tied copies out anyway).
+        self._keys_to_ignore_on_save = set(self._keys_to_ignore_on_save or ()) | set(self._tied_keys())
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info: Any) -> None:
+        """The bare model loads from any head's folder: the head's own weights (``lm_head``, the lexical part,
+        a classifier) are not unexpected there. A head keeps reporting every key it does not know."""
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        if self.base_model is self and getattr(loading_info, "unexpected_keys", None):
+            own = tuple(f"{name}." for name, _ in self.named_children())
+            loading_info.unexpected_keys = {key for key in loading_info.unexpected_keys if key.startswith(own)}
+
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
         # The base class ignores every tie when `tie_word_embeddings` is False; shared
         # encoder/decoder embeddings are tied independently of it.
