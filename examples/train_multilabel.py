@@ -164,7 +164,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     data = load_multilabel_dataset(
         train_file=args.train_file, test_file=args.test_file, dataset_name=args.dataset_name,
         text_column=args.text_column, label_column=args.label_column, label_delimiter=args.label_delimiter,
-        seed=args.seed, max_train_samples=args.max_train_samples,
+        seed=args.seed, max_train_samples=args.max_train_samples, allow_empty_labels=args.allow_empty_labels,
     )  # fmt: skip
     train_labels = data["train"]["labels"]
     labels = build_label_vocabulary(train_labels, allow_empty=args.allow_empty_labels)
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset_license", help="The data's licence, for the model card (default: unknown).")
     g.add_argument("--text_column", default="text")
     g.add_argument("--label_column", default="labels")
-    g.add_argument("--label_delimiter", help="Split string labels at this character (e.g. ';').")
+    g.add_argument("--label_delimiter", help="Split string labels at this character (e.g. ';'); '' keeps them whole.")
     g.add_argument("--allow_empty_labels", action="store_true", help="Allow documents without labels.")
     g.add_argument("--max_train_samples", type=int)
     g = p.add_argument_group("model")

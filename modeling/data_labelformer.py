@@ -11,6 +11,8 @@ ascending label id.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import random
 import site
@@ -58,6 +60,8 @@ def reuters_dir() -> Path:
 #: The embedded default data set, as found when the package was imported (see `reuters_dir`).
 REUTERS_DIR = reuters_dir()
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
+#: Characters that join several labels in one string; such a string without ``label_delimiter`` is refused.
+LIKELY_DELIMITERS = (";", "|", ",")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ def normalize_labels(value: Any, delimiter: str | None, where: str) -> list[str]
         ValueError: the value is neither a list of strings nor a string, naming ``where``.
     """
     if isinstance(value, str):
-        parts = value.split(delimiter) if delimiter is not None else [value]
+        parts = value.split(delimiter) if delimiter else [value]  # "" keeps the string whole
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         parts = list(value)
     else:
@@ -89,6 +93,37 @@ def normalize_labels(value: Any, delimiter: str | None, where: str) -> list[str]
             f"got {type(value).__name__} {value!r}."
         )
     return list(dict.fromkeys(p.strip() for p in parts if p.strip()))
+
+
+def _unreadable(files: dict[str, str], fmt: str, error: Exception) -> ValueError:
+    """A clear error for data files `datasets` could not parse: the first bad line of JSON lines files."""
+    for path in files.values() if fmt == "json" else ():
+        opener = gzip.open if path.endswith(".gz") else open
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+        except (OSError, UnicodeDecodeError) as bad:
+            return ValueError(f"Could not read {path}: {bad}.")
+        if lines and lines[0][1].lstrip().startswith("{"):  # JSON lines (not one JSON document)
+            for n, line in lines:
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as bad:
+                    return ValueError(f"{path} line {n}: not valid JSON ({bad.msg}, column {bad.colno}).")
+    cause = error.__cause__ or error
+    names = ", ".join(files.values())
+    return ValueError(f"Could not read {names} as {fmt}: {type(cause).__name__}: {str(cause).splitlines()[0]}")
+
+
+def _check_delimiter(where: str, value: Any) -> None:
+    """Refuse a string label that looks like several labels joined (``"grain;wheat"``) when no delimiter is set."""
+    for char in LIKELY_DELIMITERS:
+        if isinstance(value, str) and char in value:
+            raise ValueError(
+                f"{where}: the label {value!r} looks like several labels joined by {char!r}. Pass --label_delimiter "
+                f"'{char}' (label_delimiter='{char}') to split them, or --label_delimiter '' to keep each string as "
+                "one label."
+            )
 
 
 def load_multilabel_dataset(
@@ -103,13 +138,17 @@ def load_multilabel_dataset(
     validation_fraction: float = 0.1,
     seed: int = 42,
     max_train_samples: int | None = None,
+    allow_empty_labels: bool = True,
 ):
     """Load a multi-label data set as a `datasets.DatasetDict` with ``train``, ``validation`` and ``test``.
 
     With no arguments, the embedded Reuters-21578 ApteMod files are used. Local files may be
     jsonl/json/csv/tsv/parquet (optionally gzipped); ``dataset_name`` is a Hub data set for users
     with a network. Without a validation split, ``validation_fraction`` of train is carved out with
-    ``seed`` (never tune on test).
+    ``seed`` (never tune on test). String labels are split at ``label_delimiter``; without one, a
+    string that contains ``;``, ``|`` or ``,`` is refused (pass ``""`` to keep strings whole). With
+    ``allow_empty_labels=False`` a training row without labels is refused. Errors name the file and
+    its 1-based line (JSON lines) or row (other formats).
 
     Returns:
         DatasetDict whose splits have columns ``text`` (str) and ``labels`` (list of str).
@@ -139,7 +178,10 @@ def load_multilabel_dataset(
             raise ValueError(f"All data files must have one format, got {sorted(formats)}.")
         fmt = formats.pop()
         kwargs = {"delimiter": "\t"} if any(p.endswith((".tsv", ".tsv.gz")) for p in files.values()) else {}
-        raw = datasets.load_dataset(fmt, data_files=files, **kwargs)
+        try:
+            raw = datasets.load_dataset(fmt, data_files=files, **kwargs)
+        except Exception as error:  # datasets wraps parser errors in DatasetGenerationError
+            raise _unreadable(files, fmt, error) from error
     if "train" not in raw:
         raise ValueError(f"The data set has no 'train' split (splits: {list(raw)}).")
 
@@ -151,12 +193,22 @@ def load_multilabel_dataset(
                 "Name the right ones with --text_column / --label_column."
             )
         texts, labels, empty = [], [], 0
+        path = files.get(split) if dataset_name is None else None
+        unit = "line" if path is not None and _format_of(path) == "json" else "row"
         for i, (text, value) in enumerate(zip(ds[text_column], ds[label_column])):
+            where = f"{path or split} {unit} {i + 1}"
             if not isinstance(text, str):
-                raise ValueError(f"{split} row {i}: the text must be a string, got {type(text).__name__}.")
+                raise ValueError(f"{where}: the text must be a string, got {type(text).__name__}.")
+            if label_delimiter is None:
+                _check_delimiter(where, value)
             empty += not text.strip()
             texts.append(text)
-            labels.append(normalize_labels(value, label_delimiter, f"{split} row {i}"))
+            labels.append(normalize_labels(value, label_delimiter, where))
+            if split == "train" and not labels[-1] and not allow_empty_labels:
+                raise ValueError(
+                    f"{where} has no labels. Remove it, or allow empty label sets (--allow_empty_labels, "
+                    "allow_empty_labels=True)."
+                )
         if empty:
             logger.warning(
                 "%s: %d of %d texts are empty; they are kept (the model sees only EOS).", split, empty, len(ds)

@@ -136,12 +136,49 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no column 'text'; its columns are"):
         load_multilabel_dataset(train_file=train, label_column="topics")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "labels": 3}])
-    with pytest.raises(ValueError, match="train row 0: labels must be a list"):
+    with pytest.raises(ValueError, match="bad.jsonl line 1: labels must be a list"):
         load_multilabel_dataset(train_file=bad)
     xml = tmp_path / "train.xml"
     xml.write_text("<docs/>")
     with pytest.raises(ValueError, match="extension"):
         load_multilabel_dataset(train_file=str(xml))
+
+
+@pytest.mark.parametrize("char", [";", "|", ","])
+def test_joined_string_labels_need_a_delimiter(tmp_path, char):
+    csv = tmp_path / "train.csv"
+    csv.write_text(
+        "text,tags\n" + "".join(f'doc {i},"{"grain" + char + "wheat" if i == 3 else "earn"}"\n' for i in range(8))
+    )
+    with pytest.raises(ValueError) as error:
+        load_multilabel_dataset(train_file=str(csv), label_column="tags")
+    assert f"train.csv row 4: the label 'grain{char}wheat' looks like several labels" in str(error.value)
+    assert f"--label_delimiter '{char}'" in str(error.value)
+    split = load_multilabel_dataset(
+        train_file=str(csv), label_column="tags", label_delimiter=char, validation_fraction=0.5
+    )
+    whole = load_multilabel_dataset(
+        train_file=str(csv), label_column="tags", label_delimiter="", validation_fraction=0.5
+    )
+    everything = [*split["train"]["labels"], *split["validation"]["labels"]]
+    assert ["grain", "wheat"] in everything and [f"grain{char}wheat"] not in everything
+    assert [f"grain{char}wheat"] in [*whole["train"]["labels"], *whole["validation"]["labels"]]
+
+
+def test_errors_name_the_file_and_its_1_based_line(tmp_path):
+    rows = [{"text": f"doc {i}", "labels": ["a"]} for i in range(30)]
+    rows[16]["labels"] = []  # line 17
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    load_multilabel_dataset(train_file=train)  # empty label sets are allowed unless refused
+    with pytest.raises(ValueError, match=r"train.jsonl line 17 has no labels.*--allow_empty_labels"):
+        load_multilabel_dataset(train_file=train, allow_empty_labels=False)
+    good = write_jsonl(tmp_path / "good.jsonl", rows[:16])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]) + '{"text": "x", "labels": ["a"\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl line 5: not valid JSON"):
+        load_multilabel_dataset(train_file=str(broken))
+    with pytest.raises(ValueError, match=r"broken.jsonl line 5: not valid JSON"):
+        load_multilabel_dataset(train_file=good, test_file=str(broken))
 
 
 def test_embedded_reuters_is_the_default():

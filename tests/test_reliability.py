@@ -398,3 +398,35 @@ def test_predict_labels_refuses_another_tokenizer_of_the_same_size(text_model, m
     assert len(other) <= len(tokenizer)
     with pytest.raises(ValueError, match="`tokenizer` is not the one this model was trained with"):
         model.predict_labels(["wheat prices"], other)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad training data: exit 2 with the file and its 1-based line or row
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["joined_labels", "broken_test_file", "row_without_labels"])
+def test_bad_data_is_an_exit_2_message_naming_file_and_line(script, tmp_path, data_files, capsys, case):
+    rows = [json.loads(line) for line in Path(data_files["train"]).read_text().splitlines()]
+    files = dict(data_files)
+    if case == "joined_labels":
+        path = tmp_path / "train.csv"
+        path.write_text(
+            "body,topics\n" + "".join(f'"doc {i}","{"grain;wheat" if i == 9 else "earn"}"\n' for i in range(40))
+        )
+        files["train"], files["test"], expected = str(path), None, "train.csv row 10: the label 'grain;wheat'"
+    elif case == "broken_test_file":
+        path = tmp_path / "test.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows[:6]) + "{not json\n")
+        files["test"], expected = str(path), "test.jsonl line 7: not valid JSON"
+    else:
+        rows[16]["topics"] = []
+        path = tmp_path / "train.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        files["train"], expected = str(path), "train.jsonl line 17 has no labels"
+    argv = [*FAST, *data_args(files), "--output_dir", str(tmp_path / "out")]
+    if files["test"] is None:  # one format for all files: no (JSON lines) test file with the CSV
+        argv = argv[: argv.index("--test_file")] + argv[argv.index("--test_file") + 2 :]
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and expected in err and "Traceback" not in err, err[-2000:]
