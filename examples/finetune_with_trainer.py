@@ -4,8 +4,10 @@
 ########################################################################
 # This script shows:
 #   - loading a trained Labelformer folder (local or a Hub repo id) with `AutoModelForSeq2SeqLM`;
-#   - turning multi-label rows into label-sequence targets for `DataCollatorForSeq2Seq`;
-#   - `Seq2SeqTrainer` with `predict_with_generate` (constrained label decoding) and our metrics;
+#   - turning multi-label rows into label-sequence targets for `DataCollatorForSeq2Seq`
+#     (`label_sequence_preprocessor`: the mapped rows hold only model inputs, so Trainer's defaults work);
+#   - `Seq2SeqTrainer` with `predict_with_generate` (constrained label decoding) and metrics from the
+#     model's own `decode_labels` (`multilabel_compute_metrics`);
 #   - checkpoints that carry the model code, so they load with `trust_remote_code=True`.
 #
 #     python examples/finetune_with_trainer.py --model_name_or_path outputs/quick \
@@ -21,11 +23,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -37,28 +36,11 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from modeling import compute_multilabel_metrics, load_multilabel_dataset, split_unknown_labels  # noqa: E402
-from modeling.data_labelformer import label_target, order_labels, report_unknown_labels  # noqa: E402
+from modeling import load_multilabel_dataset, split_unknown_labels  # noqa: E402
+from modeling.data_labelformer import report_unknown_labels  # noqa: E402
+from modeling.trainer_labelformer import label_sequence_preprocessor, multilabel_compute_metrics  # noqa: E402
 
 logger = logging.getLogger("finetune_with_trainer")
-
-
-def metrics_against(references: Sequence[Sequence[str]], model: Any) -> Callable[[Any], dict[str, float]]:
-    """The Trainer's ``compute_metrics``: generated ids ``[n, t]`` turned into label names by the model's
-    own `decode_labels` and scored against the evaluation split's label sets, in order.
-
-    Scoring against the raw label sets rather than the encoded targets keeps labels the model has no
-    token for (unseen in training) in the references, so they count as misses instead of vanishing.
-    """
-    references = [list(labels) for labels in references]
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-
-    def compute_metrics(prediction: Any) -> dict[str, float]:
-        # rows are padded with -100 where the Trainer joined batches of different lengths: after EOS
-        predicted = model.decode_labels(torch.as_tensor(np.asarray(prediction.predictions)))
-        return compute_multilabel_metrics(predicted, references, labels=labels)
-
-    return compute_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,15 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     for split in data:
         report_unknown_labels(split_unknown_labels(data[split]["labels"], config.label2id)[1], split)
 
-    def encode(rows: dict[str, list]) -> dict[str, list]:
-        features = tokenizer(rows["text"], truncation=True, max_length=args.max_length)
-        known = [[label for label in labels if label in config.label2id] for labels in rows["labels"]]
-        # "random" order is drawn once here; the Accelerate script re-draws it every epoch
-        features["labels"] = [label_target(order_labels(ls, config.label2id, config.label_order)) for ls in known]
-        return features
-
-    columns = data["train"].column_names
-    encoded = {split: ds.map(encode, batched=True, remove_columns=columns) for split, ds in data.items()}
+    # "random" label order is drawn once here; the Accelerate script re-draws it every epoch
+    encode = label_sequence_preprocessor(tokenizer, config, max_length=args.max_length)
+    encoded = data.map(encode, batched=True, remove_columns=data["train"].column_names)
     steps_per_epoch = -(-len(encoded["train"]) // args.batch_size)
     total_steps = args.max_steps if args.max_steps > 0 else int(steps_per_epoch * args.epochs)
     training_args = Seq2SeqTrainingArguments(
@@ -136,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         generation_max_length=config.effective_max_labels + 2,
         generation_num_beams=args.num_beams,
         report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs a GPU (torch warns without one)
         seed=args.seed,
         logging_steps=10,
     )
 
-    compute_metrics = metrics_against(data["validation"]["labels"], model)
+    # scored against the raw label sets: labels the model has no token for count as misses
+    compute_metrics = multilabel_compute_metrics(model, references=data["validation"]["labels"])
 
     trainer = Seq2SeqTrainer(
         model=model,
