@@ -398,9 +398,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    for name in ("epochs", "batch_size", "max_length", "vocab_size", "early_stopping_patience", "num_beams"):
+    for name in ("epochs", "batch_size", "max_length", "vocab_size", "early_stopping_patience", "num_beams",
+                 "d_model", "encoder_layers", "decoder_layers", "attention_heads", "ffn_dim"):  # fmt: skip
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1 (got {getattr(args, name)}).")
+    for name in ("dropout", "scheduled_sampling"):  # checked here, before minutes of data loading
+        if not 0.0 <= getattr(args, name) < 1.0:
+            p.error(f"--{name} must be in [0, 1) (got {getattr(args, name)}).")
     for name in ("max_labels", "max_train_samples", "save_every_steps", "stop_after_steps"):
         value, least = getattr(args, name), 0 if name == "save_every_steps" else 1
         if value is not None and value < least:

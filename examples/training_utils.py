@@ -145,8 +145,10 @@ def writing(path: Path) -> Iterator[None]:
             f"Could not write {path}: {error.strerror or error} ({error.filename or path}). Free disk space or "
             "pick a writable --output_dir; finished checkpoints are kept (--resume_from_checkpoint latest)."
         ) from error
-    except RuntimeError as error:  # torch.save reports a failed C++ stream so ("basic_ios::clear", "file write")
-        if "basic_ios" not in str(error) and "write" not in str(error).lower():
+    except Exception as error:  # torch.save: RuntimeError "basic_ios::clear"; safetensors: SafetensorError
+        if not isinstance(error, RuntimeError) and type(error).__name__ != "SafetensorError":
+            raise
+        if "basic_ios" not in str(error) and "write" not in str(error).lower() and "Io" not in str(error):
             raise
         raise TrainingError(
             f"Could not write {path} (the disk may be full or the folder read-only): {str(error).splitlines()[0]}. "
