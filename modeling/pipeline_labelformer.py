@@ -69,6 +69,8 @@ class MultiLabelGenerationPipeline(Pipeline):
 
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         """`Pipeline.__call__`; a list with ``batch_size`` > 1 is batched as `predict_labels` batches it."""
+        if isinstance(inputs, (list, tuple)) and not inputs:
+            return []  # no texts, no predictions (Pipeline.__call__ would index the empty list)
         batch_size = kwargs.get("batch_size") or self._batch_size or 1
         if not isinstance(inputs, list) or args or batch_size == 1 or kwargs.get("num_workers"):
             return super().__call__(inputs, *args, **kwargs)

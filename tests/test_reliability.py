@@ -370,6 +370,15 @@ def test_predict_labels_refuses_bad_arguments_naming_them(text_model, texts, kwa
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_the_pipeline_answers_no_texts_with_no_predictions(text_model, batch_size):
+    from modeling.pipeline_labelformer import MultiLabelGenerationPipeline
+
+    model, tokenizer = text_model
+    classifier = MultiLabelGenerationPipeline(model=model, tokenizer=tokenizer)
+    assert classifier([], batch_size=batch_size) == [] and model.predict_labels([], tokenizer) == []
+
+
 def test_predict_labels_truncates_to_the_models_maximum_by_default(text_model, monkeypatch):
     model, tokenizer = text_model
     seen = []
