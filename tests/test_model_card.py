@@ -76,9 +76,11 @@ def test_the_training_card_of_a_csv_run_describes_that_csv(csv_run):
      ("Acme internal terms", {"license": "other", "license_name": "acme-internal-terms"})],
 )  # fmt: skip
 def test_the_pushed_card_keeps_the_run_data_and_takes_a_licence(csv_run, tmp_path, given, metadata):
+    from examples.push_to_hub import main
+
     target = tmp_path / "hub"
-    run_example("push_to_hub.py", "--model_dir", str(csv_run), "--repo_id", "someone/mine", "--dry_run", str(target),
-                "--dataset_license", given)  # fmt: skip
+    args = ["--model_dir", str(csv_run), "--repo_id", "someone/mine", "--dry_run", str(target)]
+    assert main([*args, "--dataset_license", given]) == 0
     card = ModelCard.load(target / "README.md")
     data = card.data.to_dict()
     assert {k: data.get(k) for k in metadata} == metadata
