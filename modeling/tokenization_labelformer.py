@@ -12,8 +12,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+from .wordpiece_labelformer import count_words, learn_wordpiece_vocab
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]"}
 
@@ -46,13 +48,13 @@ def train_tokenizer(
     tokenizer.normalizer = normalizers.Sequence(steps)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator((t for t in texts if isinstance(t, str)), trainer=trainer)
+    # Our own learner, not tokenizers' WordPieceTrainer: that one breaks ties in a per-process hash
+    # order, so two runs on the same texts could get different vocabularies (wordpiece_labelformer.py).
+    words = count_words(texts, tokenizer.normalizer, tokenizer.pre_tokenizer)
+    vocab = learn_wordpiece_vocab(words, vocab_size, min_frequency, list(SPECIAL_TOKENS.values()))
+    ids = {token: i for i, token in enumerate(vocab)}
+    tokenizer.model = models.WordPiece(ids, unk_token=SPECIAL_TOKENS["unk_token"])
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS.values()))
     eos = SPECIAL_TOKENS["eos_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, tokenizer.token_to_id(eos))]
@@ -60,7 +62,7 @@ def train_tokenizer(
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **SPECIAL_TOKENS)
     expected = {"pad_token": 0, "bos_token": 1, "eos_token": 2, "unk_token": 3}
     actual = {name: wrapped.convert_tokens_to_ids(token) for name, token in SPECIAL_TOKENS.items()}
-    if actual != expected:  # the trainer puts special tokens first, in the given order
+    if actual != expected:  # the learner puts special tokens first, in the given order
         raise RuntimeError(f"special token ids {actual} differ from the model's {expected}")
     return wrapped
 

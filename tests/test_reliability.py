@@ -439,3 +439,36 @@ def test_bad_data_is_an_exit_2_message_naming_file_and_line(script, tmp_path, da
     assert script.main(argv) == 2
     err = capsys.readouterr().err
     assert "error: " in err and expected in err and "Traceback" not in err, err[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer training is deterministic
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_processes_train_the_same_tokenizer(data_files):
+    """tokenizers' own WordPieceTrainer numbered pieces in a per-process hash order (different vocabularies)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from modeling import train_tokenizer\n"
+        f"texts = [json.loads(line)['body'] for line in open({data_files['train']!r})]\n"
+        "print(json.dumps(sorted(train_tokenizer(texts, vocab_size=500).get_vocab().items())))\n"
+    )
+    vocabularies = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
+    assert len(json.loads(vocabularies[0])) == 500 and vocabularies[0] == vocabularies[1]
+
+
+def test_the_wordpiece_learner_does_not_depend_on_word_order():
+    from modeling.wordpiece_labelformer import learn_wordpiece_vocab
+
+    counts = {"lower": 2, "newest": 6, "widest": 3, "low": 5, "new": 2, "wide": 2, "ab": 2, "ba": 2}
+    vocab = learn_wordpiece_vocab(counts, 40, 2, ["[PAD]"])
+    assert vocab == learn_wordpiece_vocab(dict(reversed(counts.items())), 40, 2, ["[PAD]"])
+    assert vocab[0] == "[PAD]" and "newest" in vocab and "##est" in vocab
+    assert vocab.index("##est") < vocab.index("newest")  # a piece is learned before the pieces built on it

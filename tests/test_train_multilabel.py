@@ -2,9 +2,8 @@
 multi-process equivalence, bad input.
 
 Runs use ``--preset tiny`` (seconds of training) on the 160/40-document slice of Reuters in
-``data_files``. Runs that must match bit for bit share one tokenizer: WordPiece training breaks
-ties differently from process to process (the trainer's hash maps), so those runs go through a
-small launcher that hands the script a fixed tokenizer instead of training one.
+``data_files``. Runs that must match bit for bit go through a small launcher that hands the
+script one fixed tokenizer instead of training one, so they compare training alone.
 """
 
 from __future__ import annotations
