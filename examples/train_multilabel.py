@@ -137,12 +137,21 @@ def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labe
     return HEADS[args.head](config)
 
 
+def resolve_mixed_precision(choice: str) -> str:
+    """``auto``: bf16 autocast where the hardware computes in bf16 (a CUDA GPU with bf16, or a CPU whose oneDNN
+    has bf16 kernels, e.g. AVX-512 BF16 or AMX), fp32 elsewhere."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
 def training_function(args: argparse.Namespace) -> dict[str, Any]:
     """Train, early-stop on validation micro-F1, calibrate, evaluate the best model on test."""
-    mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # N processes without a GPU train together over gloo
-        mixed_precision=mixed_precision,
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
@@ -180,9 +189,10 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(saved_tokenizer)
     model = build_model(args, labels, tokenizer, max(1, max(len(x) for x in train_labels)))
     logger.info(
-        "%s: %d labels, %s parameters, %d train / %d validation documents, %d process(es) (%s)",
+        "%s: %d labels, %s parameters, %d train / %d validation documents, %d process(es) (%s), autocast %s",
         type(model).__name__, len(labels), f"{sum(p.numel() for p in model.parameters()):,}",
         len(data["train"]), len(data["validation"]), accelerator.num_processes, accelerator.distributed_type,
+        accelerator.mixed_precision,
     )  # fmt: skip
 
     train_set = data["train"].add_column("row", list(range(len(data["train"]))))
@@ -383,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learning_rate", type=float)
     g.add_argument("--early_stopping_patience", type=int)
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--mixed_precision", choices=["auto", "bf16", "no"], default="auto",
+                   help="Training autocast; auto: bf16 where the GPU or CPU computes in bf16.")  # fmt: skip
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--save_every_steps", type=int, default=0, help="Also checkpoint every N steps (0: per epoch).")
     g.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in --output_dir.")

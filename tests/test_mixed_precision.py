@@ -1,0 +1,65 @@
+"""bf16 autocast training on the CPU (`--mixed_precision`): the same loss and gradients as fp32 within
+bf16's precision, fp32 master weights, and the script's choice of precision."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling import LabelformerConfig, LabelformerForMultiLabelGeneration
+
+from .conftest import TINY
+
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_multilabel.py"
+BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_multilabel_mp", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _loss_and_grads(model, batch, bf16: bool) -> tuple[float, torch.Tensor]:
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return loss.item(), grads
+
+
+@pytest.mark.skipif(not BF16, reason="this CPU has no bf16 kernels")
+def test_bf16_autocast_step_matches_fp32():
+    torch.manual_seed(0)
+    labels = [f"label{i}" for i in range(12)]
+    config = LabelformerConfig.from_labels(labels, **{**TINY, "vocab_size": 64}, max_labels=4)
+    model = LabelformerForMultiLabelGeneration(config).train()
+    ids = torch.randint(4, 64, (6, 20))
+    mask = torch.ones_like(ids)
+    mask[:3, 12:] = 0  # padded rows go through the packed attention path
+    targets = torch.tensor([[3, 5, 2, -100]] * 3 + [[4, 2, -100, -100]] * 3)  # labels, EOS (2), padding
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": targets}
+    loss32, grads32 = _loss_and_grads(model, batch, bf16=False)
+    loss16, grads16 = _loss_and_grads(model, batch, bf16=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights
+    assert torch.isfinite(grads16).all()
+    assert abs(loss16 - loss32) <= 0.02 * abs(loss32)
+    assert torch.nn.functional.cosine_similarity(grads16, grads32, dim=0) > 0.99
+
+
+def test_mixed_precision_choice():
+    module = _train_script()
+    assert module.resolve_mixed_precision("no") == "no"
+    assert module.resolve_mixed_precision("bf16") == "bf16"
+    expected = "bf16" if BF16 else "no"
+    if not torch.cuda.is_available():
+        assert module.resolve_mixed_precision("auto") == expected
+    args = module.parse_args(["--output_dir", "x", "--mixed_precision", "no"])
+    assert args.mixed_precision == "no"
+    with pytest.raises(SystemExit):
+        module.parse_args(["--output_dir", "x", "--mixed_precision", "fp16"])
