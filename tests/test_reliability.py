@@ -446,22 +446,39 @@ def test_bad_data_is_an_exit_2_message_naming_file_and_line(script, tmp_path, da
 # ---------------------------------------------------------------------------------------------
 
 
-def test_two_processes_train_the_same_tokenizer(data_files):
-    """tokenizers' own WordPieceTrainer numbered pieces in a per-process hash order (different vocabularies)."""
+def test_tokenizer_training_is_deterministic(data_files):
+    """tokenizers' own WordPieceTrainer numbered pieces in a hash order seeded per map (other vocabularies
+    on every call); our learner must not depend on Python's per-process string hashing either."""
+    import os
     import subprocess
     import sys
 
-    code = (
-        "import json, sys\n"
-        "from modeling import train_tokenizer\n"
-        f"texts = [json.loads(line)['body'] for line in open({data_files['train']!r})]\n"
-        "print(json.dumps(sorted(train_tokenizer(texts, vocab_size=500).get_vocab().items())))\n"
+    from modeling import train_tokenizer
+    from modeling import wordpiece_labelformer as learner
+
+    texts = [json.loads(line)["body"] for line in Path(data_files["train"]).read_text().splitlines()]
+    first, second = (train_tokenizer(texts, vocab_size=500).get_vocab() for _ in range(2))
+    assert len(first) == 500 and first == second
+    code = (  # the learner alone (no torch import), under two hash seeds
+        "import importlib.util, json, sys\n"
+        f"spec = importlib.util.spec_from_file_location('learner', {learner.__file__!r})\n"
+        "learner = importlib.util.module_from_spec(spec); spec.loader.exec_module(learner)\n"
+        "counts = json.loads(sys.stdin.read())\n"
+        "print(json.dumps(learner.learn_wordpiece_vocab(counts, 400, 2, ['[PAD]'])))\n"
     )
+    counts = json.dumps({f"w{i % 37}x{i % 11}y": 2 + i % 3 for i in range(300)})
     vocabularies = [
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        for _ in range(2)
+        subprocess.run(
+            [sys.executable, "-c", code],
+            input=counts,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout  # fmt: skip
+        for seed in ("1", "2")
     ]
-    assert len(json.loads(vocabularies[0])) == 500 and vocabularies[0] == vocabularies[1]
+    assert vocabularies[0] == vocabularies[1] and len(json.loads(vocabularies[0])) > 20
 
 
 def test_the_wordpiece_learner_does_not_depend_on_word_order():
