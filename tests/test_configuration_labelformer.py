@@ -36,6 +36,8 @@ from .conftest import tiny_config
         ({"init_std": float("nan")}, "init_std"),
         ({"eos_token_id": 99}, "eos_token_id"),
         ({"num_labels": 0}, "id2label"),
+        ({"init_std": float("inf")}, "init_std"),
+        ({"layer_norm_eps": float("nan")}, "layer_norm_eps"),
     ],
 )
 def test_bad_values_raise_naming_the_field(overrides, field):
