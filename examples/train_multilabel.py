@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         training_function(args)
-    except (TrainingError, ValueError, OSError) as error:  # OSError: unreadable input, full disk, read-only folder
+    except (TrainingError, ValueError, OSError, SafetensorError) as error:  # OSError etc.: input, full disk, ...
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Finished in {time.time() - start:.0f} s")

@@ -285,6 +285,26 @@ def test_a_failed_write_is_a_clear_exit_2_message(script, monkeypatch, tmp_path,
     assert not list((out / "checkpoints").iterdir())  # the half-written copy is gone too
 
 
+def test_a_full_disk_when_saving_the_final_model_is_a_clear_exit_2_message(
+    script, monkeypatch, tmp_path, data_files, capsys
+):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    out = tmp_path / "out"
+    real = transformers.modeling_utils.safe_save_file
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if Path(filename).parent == out:  # the shipped model, after training
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left" })')
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+    assert script.main([*FAST, *data_args(data_files), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: Error while serializing" in err and "No space left" in err and "Traceback" not in err
+
+
 def test_an_output_dir_that_cannot_be_created_is_a_clear_exit_2_message(script, tmp_path, data_files, capsys):
     (tmp_path / "a_file").write_text("")
     assert script.main([*FAST, *data_args(data_files), "--output_dir", str(tmp_path / "a_file" / "out")]) == 2
