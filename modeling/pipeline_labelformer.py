@@ -72,9 +72,10 @@ class MultiLabelGenerationPipeline(Pipeline):
         if isinstance(inputs, (list, tuple)) and not inputs:
             return []  # no texts, no predictions (Pipeline.__call__ would index the empty list)
         batch_size = kwargs.get("batch_size") or self._batch_size or 1
-        if not isinstance(inputs, list) or args or batch_size == 1 or kwargs.get("num_workers"):
+        if not isinstance(inputs, list) or (inputs and (args or batch_size == 1 or kwargs.get("num_workers"))):
             return super().__call__(inputs, *args, **kwargs)
         kwargs = {k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")}
+        # options are checked for an empty list too
         stages = zip((self._preprocess_params, self._forward_params, self._postprocess_params),
                      self._sanitize_parameters(**kwargs))  # fmt: skip
         preprocess, forward, postprocess = ({**default, **given} for default, given in stages)
@@ -114,20 +115,18 @@ class MultiLabelGenerationPipeline(Pipeline):
         probabilities ``[b, k]``: tensors, so that `Pipeline` can split a batch into rows."""
         rows = self.model.predict_batch(model_inputs["input_ids"], model_inputs["attention_mask"], num_beams)
         width = max([len(row) for row in rows] + [1])
-        label_ids = torch.full((len(rows), width), -1, dtype=torch.long)
-        scores = torch.zeros(len(rows), width, dtype=torch.float64)
-        for i, row in enumerate(rows):
-            for j, (label, score) in enumerate(row.items()):
-                label_ids[i, j], scores[i, j] = self.model.config.label2id[label], score
-        return {"label_ids": label_ids, "scores": scores}
+        label2id = self.model.config.label2id
+        label_ids = [[label2id[label] for label in row] + [-1] * (width - len(row)) for row in rows]
+        scores = [list(row.values()) + [0.0] * (width - len(row)) for row in rows]
+        return {"label_ids": torch.tensor(label_ids), "scores": torch.tensor(scores, dtype=torch.float64)}
 
     def postprocess(
         self, model_outputs: dict[str, torch.Tensor], top_k: int | None = None, threshold: float | None = None
     ) -> list[dict[str, Any]]:
         id2label = self.model.config.id2label
         found = [
-            {"label": id2label[int(i)], "score": float(score)}
-            for i, score in zip(model_outputs["label_ids"][0], model_outputs["scores"][0])
+            {"label": id2label[i], "score": score}
+            for i, score in zip(model_outputs["label_ids"][0].tolist(), model_outputs["scores"][0].tolist())
             if i >= 0 and (threshold is None or score >= threshold)
         ]
         if top_k is not None:

@@ -55,8 +55,10 @@ def test_batch_size_at_the_call_and_in_the_constructor_gives_predict_labels_answ
     assert classifier(TEXTS, batch_size=8) == as_pipeline(expected)
     built = pipeline("multi-label-generation", model=str(folders[head]), trust_remote_code=True, batch_size=8)
     assert built(TEXTS) == as_pipeline(expected)
+    assert classifier([]) == classifier([], batch_size=8) == built([]) == []
     # Pipeline's own loader (a generator) and one text at a time: the same labels, scores up to padding
-    for got in (list(classifier((t for t in TEXTS), batch_size=4)), classifier(TEXTS), [classifier(t) for t in TEXTS[:5]]):
+    loader = list(classifier((text for text in TEXTS), batch_size=4))
+    for got in (loader, classifier(TEXTS), [classifier(text) for text in TEXTS[:5]]):
         assert [[x["label"] for x in row] for row in got] == [list(row) for row in expected[: len(got)]]
         for row, want in zip(got, expected):
             assert [x["score"] for x in row] == pytest.approx(list(want.values()), abs=1e-5)
@@ -82,7 +84,8 @@ def test_top_k_and_threshold_only_remove_labels_from_the_models_answer(folders):
     assert any(len(row) > 1 for row in full)
     best = [sorted(row, key=lambda x: -x["score"])[:1] for row in full]
     assert classifier(TEXTS, batch_size=16, top_k=1) == best
-    assert classifier(TEXTS[0], top_k=1) == best[0]
+    [one] = classifier(TEXTS[0], top_k=1)  # unbatched: the same label, its score up to padding
+    assert one == {"label": best[0][0]["label"], "score": pytest.approx(best[0][0]["score"], abs=1e-5)}
     floor = sorted(x["score"] for row in full for x in row)[len(TEXTS) // 2]
     kept = [[x for x in row if x["score"] >= floor] for row in full]
     assert classifier(TEXTS, batch_size=16, threshold=floor) == kept
@@ -128,14 +131,14 @@ def test_batched_pipeline_is_within_1_5x_of_batched_predict_labels_per_text(fold
     texts = TEXTS * 4
     tokenizer = classifier.tokenizer
 
-    def best_of_three(call) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        return min(times)
+    def seconds(call) -> float:  # this process's CPU time (one thread here): waiting for a busy CPU is not counted
+        start = time.process_time()
+        call()
+        return time.process_time() - start
 
-    direct = best_of_three(lambda: model.predict_labels(texts, tokenizer=tokenizer, batch_size=32))
-    piped = best_of_three(lambda: classifier(texts, batch_size=32))
-    assert piped <= 1.5 * direct, f"pipeline {piped:.4f} s, predict_labels {direct:.4f} s for {len(texts)} texts"
+    # interleaved rounds, the fastest of each: other work on the machine slows single rounds, not the minimum
+    direct, piped = [], []
+    for _ in range(6):
+        direct.append(seconds(lambda: model.predict_labels(texts, tokenizer=tokenizer, batch_size=32)))
+        piped.append(seconds(lambda: classifier(texts, batch_size=32)))
+    assert min(piped) <= 1.5 * min(direct), f"pipeline {min(piped):.4f} s, predict_labels {min(direct):.4f} s"
