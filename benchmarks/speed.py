@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import BartConfig, BartForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -47,44 +50,43 @@ SIZES = {
 }  # fmt: skip
 NEW_TOKENS = 16
 NUM_LABELS = 90
+MODEL_NAMES = ("labelformer", "bart", "labelformer-multilabel", "parallel")
 
 
-def build_models(size: dict, device: torch.device, dtype: torch.dtype, attn: str):
+def build_model(name: str, size: dict, num_labels: int = NUM_LABELS):
+    """One of the benchmark's models, random weights, dropout off: ``labelformer`` (the seq2seq model),
+    ``bart`` (`BartForConditionalGeneration` of the same size), ``labelformer-multilabel`` (the label
+    head over ``num_labels`` labels, forced to write 15 labels + EOS: 16 decoder steps, BART's 16 new
+    tokens) or ``parallel`` (the parallel label decoder)."""
     common = dict(d_model=size["d_model"], encoder_layers=size["layers"], decoder_layers=size["layers"],
                   encoder_attention_heads=size["heads"], decoder_attention_heads=size["heads"],
                   encoder_ffn_dim=size["ffn"], decoder_ffn_dim=size["ffn"], dropout=0.0)  # fmt: skip
-    ours = LabelformerForConditionalGeneration(
-        LabelformerConfig(vocab_size=size["vocab"], max_position_embeddings=1024, attention_dropout=0.0, **common)
-    )
-    bart = BartForConditionalGeneration(
-        BartConfig(
-            vocab_size=size["vocab"],
-            max_position_embeddings=1024,
-            attention_dropout=0.0,
-            activation_dropout=0.0,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            decoder_start_token_id=1,
-            forced_eos_token_id=None,
-            **common,
-        )  # fmt: skip
-    )
-    labels = [f"label_{i}" for i in range(NUM_LABELS)]
-    # exactly 15 labels + EOS = 16 decoder steps (min_labels forces them), BART's 16 new tokens
-    multilabel = LabelformerForMultiLabelGeneration(
-        LabelformerConfig.from_labels(
-            labels, vocab_size=size["vocab"], max_position_embeddings=1024, max_labels=15, min_labels=15, **common
-        )  # fmt: skip
-    )
-    parallel = LabelformerForParallelLabelGeneration(
-        LabelformerConfig.from_labels(
-            labels, vocab_size=size["vocab"], max_position_embeddings=1024, max_labels=15, min_labels=15, **common
-        )  # fmt: skip
-    )
+    if name == "labelformer":
+        config = LabelformerConfig(
+            vocab_size=size["vocab"], max_position_embeddings=1024, attention_dropout=0.0, **common
+        )
+        return LabelformerForConditionalGeneration(config)
+    if name == "bart":
+        config = BartConfig(vocab_size=size["vocab"], max_position_embeddings=1024, attention_dropout=0.0,
+                            activation_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                            decoder_start_token_id=1, forced_eos_token_id=None, **common)  # fmt: skip
+        return BartForConditionalGeneration(config)
+    labels = [f"label_{i}" for i in range(num_labels)]
+    config = LabelformerConfig.from_labels(
+        labels, vocab_size=size["vocab"], max_position_embeddings=1024, max_labels=15, min_labels=15, **common
+    )  # fmt: skip
+    if name == "labelformer-multilabel":
+        return LabelformerForMultiLabelGeneration(config)
+    if name == "parallel":
+        return LabelformerForParallelLabelGeneration(config)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def build_models(size: dict, device: torch.device, dtype: torch.dtype, attn: str, names=MODEL_NAMES) -> dict:
+    """``{name: model}`` for ``names`` (see `build_model`), on ``device`` in ``dtype``, with ``attn`` attention."""
     models = {}
-    named = (("labelformer", ours), ("bart", bart), ("labelformer-multilabel", multilabel), ("parallel", parallel))
-    for name, model in named:
+    for name in names:
+        model = build_model(name, size)
         model.config._attn_implementation = attn
         models[name] = model.to(device=device, dtype=dtype)
     return models
@@ -147,19 +149,11 @@ def train_step_fn(model, batch: dict, dtype: torch.dtype, optimizer: torch.optim
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--attn", default="sdpa", help="attention implementation for both models")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--no_bart_static", dest="bart_static", action="store_false",
-                   help="Skip BART's compiled static-cache generate (CUDA only; compiling is slow).")  # fmt: skip
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+PARTS = ("side_by_side", "targets", "scaling")
+
+
+def side_by_side(args: argparse.Namespace) -> dict:
+    """Labelformer and BART in this process, timed in turn: the training and generation rows."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = SIZES[args.size]
@@ -270,6 +264,64 @@ def main(argv: list[str] | None = None) -> int:
           f"greedy generate ratio b1 {result['generate_ratio_b1']:.2f}x, "
           f"label generation ratio b1 {label_ratio[1]:.2f}x / b{size['gen_batch']} "
           f"{label_ratio[size['gen_batch']]:.2f}x")  # fmt: skip
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--attn", default="sdpa", help="attention implementation for both models")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--threads", type=int, help="torch CPU threads (and CTranslate2's intra_threads)")
+    p.add_argument("--no_bart_static", dest="bart_static", action="store_false",
+                   help="Skip BART's compiled static-cache generate (CUDA only; compiling is slow).")  # fmt: skip
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="side_by_side: Labelformer and BART in this process (training, generation); targets: "
+                        "the speed issue's table, each runtime (ours, BART, CTranslate2) in its own processes; "
+                        "scaling: label decoding at several label counts and source lengths, a process per "
+                        "cell. targets and scaling run on the CPU.")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=3, help="targets: rounds of the processes in turn (median)")
+    p.add_argument(
+        "--no_ctranslate2",
+        dest="ctranslate2",
+        action="store_false",
+        help="targets without CTranslate2 (skipped anyway when it is not installed)",
+    )
+    p.add_argument("--scaling_labels", type=int, nargs="+", default=None, help="default: 90 1000 10000")
+    p.add_argument("--scaling_sources", type=int, nargs="+", default=None, help="default: 128 512 1024")
+    p.add_argument("--plot", help="scaling: write the plot (PNG) here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    result = {"size": args.size, "threads": threads, "torch": torch.__version__,
+              "transformers": transformers.__version__, "cpu": platform.processor() or platform.machine(),
+              "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    if "side_by_side" in args.parts:
+        result.update(side_by_side(args))
+    if "targets" in args.parts:
+        import speed_targets
+
+        print(f"\ntargets: each system in its own process, {args.rounds} rounds, median of rounds", flush=True)
+        result["targets"] = speed_targets.run_targets(args.size, threads, args.rounds, args.repeats, args.ctranslate2)
+        if result["targets"]["ctranslate2_version"] is None:
+            print('(CTranslate2 not measured: pip install -e ".[benchmark]")')
+        print(speed_targets.format_targets(result["targets"]), flush=True)
+    if "scaling" in args.parts:
+        import speed_scaling
+
+        print("\nscaling: the label head's generate(), a fresh process per cell", flush=True)
+        options = {k: v for k, v in (("labels", args.scaling_labels), ("sources", args.scaling_sources)) if v}
+        result["scaling"] = speed_scaling.run_scaling(args.size, threads, args.repeats, **options)
+        print(speed_scaling.format_scaling(result["scaling"]))
+        growth = next(v for k, v in result["scaling"].items() if k.startswith("time_ratio_"))
+        ratios = ", ".join(f"source {s}: {r:.2f}x" for s, r in growth.items())
+        print(f"time with the most labels / the fewest, b{result['scaling']['batch']}: {ratios}")
+        if args.plot:
+            title = f"--size {args.size}, {threads} threads, {result['date']}, torch {torch.__version__}"
+            speed_scaling.plot_scaling(result["scaling"], args.plot, title)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
