@@ -152,6 +152,18 @@ def train_step_fn(model, batch: dict, dtype: torch.dtype, optimizer: torch.optim
 PARTS = ("side_by_side", "targets", "scaling")
 
 
+def cpu_name() -> str:
+    """The CPU model (Linux ``/proc/cpuinfo``), with the vector extensions that matter for inference."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    return f"{name or platform.machine()} ({', '.join(extensions) or 'no AVX2'})"
+
+
 def side_by_side(args: argparse.Namespace) -> dict:
     """Labelformer and BART in this process, timed in turn: the training and generation rows."""
     device = torch.device(args.device)
@@ -297,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     result = {"size": args.size, "threads": threads, "torch": torch.__version__,
-              "transformers": transformers.__version__, "cpu": platform.processor() or platform.machine(),
+              "transformers": transformers.__version__, "cpu": cpu_name(),
               "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     if "side_by_side" in args.parts:
         result.update(side_by_side(args))

@@ -4,8 +4,9 @@
 One cell per (labels, source length): a fresh process builds the label head over that many labels
 (forced to write 15 labels + EOS, 16 decoder steps) and times its ``generate()`` at batch 1 and batch
 B (median of ``repeats`` after two warm-ups), and reads the process's peak resident memory while
-decoding. The peak is reset after the model is built (Linux ``/proc/self/clear_refs``), so
-``decode_peak_mib`` is what decoding adds on top of the loaded model; where the reset is not
+decoding. The peak is reset after the model is built and has decoded once at each batch size
+(Linux ``/proc/self/clear_refs``), so ``b<B>_decode_peak_mib`` is what decoding adds on top of the
+loaded model in the steady state; where the reset is not
 available the peak since start is reported and ``peak_reset`` is false. `speed.py` calls
 `run_scaling` and `plot_scaling`; this file run as a script is one cell (it prints one JSON line).
 """
@@ -54,8 +55,11 @@ def cell(labels: int, source_len: int, size_name: str, threads: int, repeats: in
     model = speed.build_model("labelformer-multilabel", size, num_labels=labels).eval()
     result = {"labels": labels, "source_len": source_len,
               "parameters_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}  # fmt: skip
-    for batch in (1, size["gen_batch"]):
-        ids = torch.randint(4, size["vocab"], (batch, source_len))
+    inputs = {batch: torch.randint(4, size["vocab"], (batch, source_len)) for batch in (1, size["gen_batch"])}
+    with torch.inference_mode():
+        for ids in inputs.values():  # first calls allocate once for all: measure the steady state
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for batch, ids in inputs.items():
         mask = torch.ones_like(ids)
         gc.collect()
         before = _status_mib("VmRSS")
