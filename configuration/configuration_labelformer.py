@@ -39,12 +39,13 @@ REMOVED_FIELDS = {
     "classifier_dropout": "the threshold head uses `dropout`",
     "lexical_logit_weight": "the scale is the `scale` buffer of the model's LexicalLabelScorer",
     "unpad_encoder": "the padding-free encoder is always on for padded batches",
+    "global_label_logits": "the generation head always adds its `document_classifier`'s logits at every step",
     **{
         name: "removed with the decision-time add-ons (2026-12); retrain with this release"
         for name in (
             "eos_logit_bias", "label_logit_bias", "label_name_token_ids", "label_name_bias", "label_name_feature",
             "lexical_training_weight", "set_search_rounds", "set_search_candidates", "set_search_label_bias",
-            "auxiliary_bce_weight", "global_label_logits", "parallel_loss",
+            "auxiliary_bce_weight", "parallel_loss",
         )
     },
 }  # fmt: skip

@@ -5,8 +5,8 @@
 # This script shows:
 #   - a tokenizer trained from scratch (no download) and a Labelformer head built from the data
 #     (label-sequence generation by default, the threshold or the parallel head as options);
-#   - training with Accelerate: one code path for 1 CPU and N GPUs, bf16 where the GPU has it,
-#     clipping, AdamW with warmup and linear decay, optional weight averaging (EMA);
+#   - training with Accelerate: one code path for 1 CPU and N GPUs, bf16 autocast where the GPU or
+#     CPU has bf16 kernels, clipping, AdamW with warmup and linear decay;
 #   - validation each epoch, early stopping on validation micro-F1, atomic checkpoints, exact resume;
 #   - after training, the optional hybrid part (`--lexical_scorer`, on by default): a tf-idf linear
 #     model fit with scikit-learn whose scale is chosen on validation and which the model's own
@@ -100,8 +100,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=500, max_length=32, d_model=32, encoder_layers=1, decoder_layers=1, attention_heads=2,
                  ffn_dim=64, epochs=2, batch_size=16, learning_rate=2e-3, max_train_samples=300),
     # 2 CPU cores, under 10 minutes end to end (tokenizer, training, calibration, test evaluation)
-    "quick": dict(vocab_size=8000, max_length=128, d_model=128, encoder_layers=2, decoder_layers=1, attention_heads=4,
-                  ffn_dim=512, dropout=0.0, epochs=12, batch_size=32, learning_rate=1e-3, early_stopping_patience=4),
+    # (bf16 autocast where the CPU has it pays for d_model 256: see benchmarks/RESULTS.md, 2026-12-04)
+    "quick": dict(vocab_size=8000, max_length=128, d_model=256, encoder_layers=2, decoder_layers=1, attention_heads=4,
+                  ffn_dim=1024, dropout=0.0, epochs=12, batch_size=32, learning_rate=1e-3, early_stopping_patience=4),
     # Transformer-base (Vaswani et al.) for GPUs
     "base": dict(vocab_size=32000, max_length=256, d_model=512, encoder_layers=6, decoder_layers=6, attention_heads=8,
                  ffn_dim=2048, epochs=40, batch_size=64, learning_rate=5e-4, early_stopping_patience=5),

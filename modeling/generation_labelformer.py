@@ -3,7 +3,8 @@
 The decoder vocabulary is the label set plus pad/bos/eos (label ``k`` is token ``k + 3``); the target
 is the document's labels in ``config.label_order`` followed by EOS, so the model decides how many
 labels a document gets. One decision path: ``forward()`` computes the label logits (the decoder's,
-plus the optional lexical part's, `LabelEncoderOutput.label_logits`), ``generate()`` decodes them
+plus the document's own label logits, `LabelEncoderOutput.label_logits`: a linear classifier of the
+mean encoder state, and the optional lexical part), ``generate()`` decodes them
 under `LabelSetLogitsProcessor`, and `predict_labels`, the pipeline and Trainer's
 ``predict_with_generate`` all read their answers off that path.
 
@@ -23,14 +24,15 @@ from transformers.modeling_outputs import BaseModelOutput
 from .configuration_labelformer import NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
 from .decoding_labelformer import LabelSetLogitsProcessor, allowed_label_tokens, greedy_label_decoder
 from .modeling_labelformer import LabelformerForConditionalGeneration, sequence_cross_entropy, shift_tokens_right
-from .prediction_labelformer import MultiLabelPredictionMixin, lexical_scorer_of
+from .prediction_labelformer import MultiLabelPredictionMixin, lexical_scorer_of, masked_mean
 
 
 @dataclass
 class LabelEncoderOutput(BaseModelOutput):
     """`BaseModelOutput` plus ``label_logits`` ``[b, num_labels]``: what the head adds to every
-    decoding step's label logits for this document (the lexical part's scaled margins; ``None``
-    without one). `generate()` carries it with the encoder states and expands it for beam search."""
+    decoding step's label logits for this document (its document classifier's logits, plus the lexical
+    part's scaled margins when it has one). `generate()` carries it with the encoder states and expands
+    it for beam search."""
 
     label_logits: torch.FloatTensor | None = None
 
@@ -81,6 +83,10 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
                 "config with LabelformerConfig.from_labels(labels, ...)."
             )
         super().__init__(config)
+        #: Label logits of the whole document (masked mean of the encoder states), added at every decoding
+        #: step: the decoder then learns what to add to a bag-of-states classifier (which labels are
+        #: already written, when to stop) instead of learning the document's evidence step by step.
+        self.document_classifier = nn.Linear(config.d_model, config.num_labels)
         self.lexical_scorer = lexical_scorer_of(config)
         #: Replay the greedy label loop as a CUDA graph on GPUs (captured per batch shape).
         self.use_cuda_graphs = True
@@ -97,16 +103,16 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ) -> LabelEncoderOutput:
-        """``[b, s]`` ids -> encoder states ``[b, s, d]`` and the document's extra label logits ``[b, num_labels]``."""
+        """``[b, s]`` ids -> encoder states ``[b, s, d]`` and the document's label logits ``[b, num_labels]``."""
         encoded = self.model.encoder(
             input_ids, attention_mask, inputs_embeds,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
         )  # fmt: skip
-        label_logits = None
+        label_logits = self.document_classifier(masked_mean(encoded.last_hidden_state, attention_mask))
         if self.lexical_scorer is not None:
             if input_ids is None:
                 raise ValueError("This model's lexical part reads `input_ids`: pass them instead of `inputs_embeds`.")
-            label_logits = self.lexical_scorer(input_ids)
+            label_logits = label_logits + self.lexical_scorer(input_ids).to(label_logits.dtype)
         return LabelEncoderOutput(
             last_hidden_state=encoded.last_hidden_state,
             hidden_states=encoded.hidden_states,
@@ -114,15 +120,13 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
             label_logits=label_logits,
         )
 
-    def row_bias(self, encoder_outputs: Any) -> torch.Tensor | None:
-        """What ``forward()`` adds to every position: ``[b, decoder_vocab_size]`` (0 at pad/bos/eos), or ``None``."""
-        if self.lexical_scorer is None:
-            return None
+    def row_bias(self, encoder_outputs: Any) -> torch.Tensor:
+        """What ``forward()`` adds to every position: ``[b, decoder_vocab_size]`` (0 at pad/bos/eos)."""
         label_logits = getattr(encoder_outputs, "label_logits", None)
         if label_logits is None:
             raise ValueError(
-                "This model adds label logits computed from the input ids: pass `input_ids`, or `encoder_outputs` "
-                "from `model.encode(input_ids, attention_mask)`."
+                "This head adds the document's label logits to every step: pass `input_ids`, or `encoder_outputs` "
+                "from `model.encode(input_ids, attention_mask)` (a plain encoder output lacks them)."
             )
         return nn.functional.pad(label_logits.float(), (NUM_SPECIAL_DECODER_TOKENS, 0))
 

@@ -60,7 +60,7 @@ def test_generation_respects_max_labels_even_when_the_model_never_stops():
     config = synthetic_config(max_labels=2)
     model = LabelformerForMultiLabelGeneration(config).eval()
     with torch.no_grad():
-        model.lm_head.weight[config.eos_token_id] = -10 * model.lm_head.weight[3:].mean(0)
+        model.document_classifier.bias += 50.0  # every label far above EOS at every step
     ids, _ = synthetic_batch(4, 10, torch.Generator().manual_seed(0))
     for kwargs in ({}, {"num_beams": 2}):  # by default room for max_labels + EOS, fast path and generic loop
         sequences = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
@@ -206,13 +206,36 @@ def test_generation_head_rejects_a_config_without_label_vocabulary():
         LabelformerForMultiLabelGeneration(LabelformerConfig(vocab_size=50))
 
 
-def test_encode_carries_no_label_logits_without_a_lexical_part():
+def test_encode_carries_the_document_label_logits():
     model = LabelformerForMultiLabelGeneration(synthetic_config()).eval()
     ids, _ = synthetic_batch(2, 10, torch.Generator().manual_seed(0))
-    encoded = model.get_encoder()(input_ids=ids)
-    assert isinstance(encoded, LabelEncoderOutput) and encoded.label_logits is None
-    torch.testing.assert_close(encoded.last_hidden_state, model.model.encoder(ids).last_hidden_state)
-    assert model.row_bias(encoded) is None
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
+    states = model.model.encoder(ids, mask).last_hidden_state
+    assert isinstance(encoded, LabelEncoderOutput)
+    torch.testing.assert_close(encoded.last_hidden_state, states)
+    pooled = torch.stack([states[0].mean(0), states[1, :6].mean(0)])  # the mean over real tokens only
+    torch.testing.assert_close(encoded.label_logits, model.document_classifier(pooled))
+    bias = model.row_bias(encoded)
+    assert bias.shape == (2, model.config.decoder_vocab_size) and not bias[:, :SPECIAL].any()
+
+
+@torch.no_grad()
+def test_document_label_logits_shift_every_step_and_decide():
+    """A document classifier's logit reaches every position of forward() and so every path that decodes it."""
+    model = LabelformerForMultiLabelGeneration(synthetic_config()).eval()
+    ids, _ = synthetic_batch(3, 12, torch.Generator().manual_seed(1))
+    decoder_input_ids = torch.tensor([[model.config.decoder_start_token_id, 4, 5]] * 3)
+    before = model(input_ids=ids, decoder_input_ids=decoder_input_ids).logits
+    model.document_classifier.bias[7] += 50.0
+    after = model(input_ids=ids, decoder_input_ids=decoder_input_ids).logits
+    shift = torch.zeros(model.config.decoder_vocab_size)
+    shift[7 + SPECIAL] = 50.0
+    torch.testing.assert_close(after - before, shift.expand_as(after), atol=1e-4, rtol=0)
+    for num_beams in (1, 2):  # the fast greedy path and the generic beam search both read it
+        first = model.generate(input_ids=ids, do_sample=False, num_beams=num_beams)[:, 1]
+        assert first.tolist() == [7 + SPECIAL] * 3
 
 
 def train_synthetic(model, steps: int, collate_labels, lr: float = 2e-3):
