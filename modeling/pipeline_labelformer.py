@@ -29,7 +29,8 @@ class MultiLabelGenerationPipeline(Pipeline):
 
     Options (at the call or in ``pipeline(...)``; any other raises ``ValueError``):
         num_beams: beam width for the generation head (default 1, greedy).
-        max_length: tokens kept per text (default: the tokenizer's limit).
+        max_length: tokens kept per text (default: the tokenizer's limit, at most the model's
+            ``max_position_embeddings``, as `predict_labels`).
         top_k: keep only the ``top_k`` highest-scoring labels of the model's answer, best first.
         threshold: keep only labels whose score is at least ``threshold``.
         batch_size: texts per forward pass (``transformers.Pipeline``'s own option; default 1).
@@ -99,15 +100,14 @@ class MultiLabelGenerationPipeline(Pipeline):
         return self._encode([text], max_length)
 
     def _encode(self, texts: list[str], max_length: int | None = None) -> dict[str, Any]:
-        """Checked texts -> a padded batch ``[b, s]`` (truncated to ``max_length``, default the tokenizer's limit)."""
+        """Checked texts -> a padded batch ``[b, s]`` (truncated to ``max_length``, default as `predict_labels`)."""
         for text in texts:
             if not isinstance(text, str):
                 raise ValueError(f"The pipeline takes strings, got {type(text).__name__}.")
             if not text.strip():
                 raise ValueError("The pipeline got an empty text; pass a non-empty document.")
-        limit = max_length or min(self.tokenizer.model_max_length, 100_000)
-        if self.model.config.position_embedding_type == "learned":  # as predict_labels: a learned table ends
-            limit = min(limit, self.model.config.max_position_embeddings)
+        # as predict_labels: at most the model's maximum, so a huge text costs no more than a long one
+        limit = max_length or min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
         return self.tokenizer(texts, truncation=True, max_length=limit, padding=True, return_tensors="pt")
 
     def _forward(self, model_inputs: dict[str, Any], num_beams: int = 1) -> dict[str, torch.Tensor]:

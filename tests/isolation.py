@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -58,3 +59,17 @@ def run_isolated(code: str, cwd: Path, timeout: int = 300) -> dict:
     if not lines:
         raise AssertionError(f"isolated process printed no JSON line:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1])
+
+
+def run_in_own_session(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` with stdin closed in its own session, so a timeout kills the workers a launcher
+    started too, not only the launcher; returns the completed process (stdout and stderr as text)."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          text=True, env=env, start_new_session=True) as popen:  # fmt: skip
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.communicate()
+            raise
+    return subprocess.CompletedProcess(command, popen.returncode, stdout, stderr)

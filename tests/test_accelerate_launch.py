@@ -6,13 +6,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .isolation import run_in_own_session
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_multilabel.py"
@@ -47,17 +48,9 @@ def free_port() -> int:
 def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    # its own session, so a timeout kills the launcher's workers too
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                          text=True, env=env, start_new_session=True) as popen:  # fmt: skip
-        try:
-            stdout, stderr = popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.communicate()
-            raise
-    assert popen.returncode == 0, f"{' '.join(command)} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
-    return subprocess.CompletedProcess(command, popen.returncode, stdout, stderr)
+    proc = run_in_own_session(command, env, timeout)
+    assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
 
 
 def losses(out: Path) -> list[float]:

@@ -142,3 +142,15 @@ def test_batched_pipeline_is_within_1_5x_of_batched_predict_labels_per_text(fold
         direct.append(seconds(lambda: model.predict_labels(texts, tokenizer=tokenizer, batch_size=32)))
         piped.append(seconds(lambda: classifier(texts, batch_size=32)))
     assert min(piped) <= 1.5 * min(direct), f"pipeline {min(piped):.4f} s, predict_labels {min(direct):.4f} s"
+
+
+def test_a_huge_text_is_cut_at_the_models_maximum_as_predict_labels_cuts_it(folders):
+    model = LabelformerForMultiLabelGeneration.from_pretrained(folders["generation"]).eval()
+    classifier = pipeline("multi-label-generation", model=str(folders["generation"]), trust_remote_code=True)
+    tokenizer = classifier.tokenizer
+    tokenizer.model_max_length = 100_000  # a tokenizer that would keep the whole text
+    encoded = classifier.preprocess(TEXTS[0] * 400)
+    assert encoded["input_ids"].shape[1] == model.config.max_position_embeddings < len(tokenizer(TEXTS[0] * 400)[0])
+    huge = [TEXTS[0] * 400, TEXTS[1] * 400]
+    expected = model.predict_labels(huge, tokenizer=tokenizer, return_scores=True)
+    assert classifier(huge, batch_size=2) == as_pipeline(expected)

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from modeling.evaluation_labelformer import atomic_directory
 from modeling.loading_labelformer import verify_checksums
 from modeling.prediction_labelformer import tokenizer_fingerprint
 
-from .isolation import run_isolated
+from .isolation import run_in_own_session, run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_multilabel.py"
@@ -73,18 +72,7 @@ def run(
     quiet = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env = {**os.environ, **quiet, **(env or {})}
     command = (launcher or [sys.executable]) + [str(script), *args]
-    # its own session, so a timeout kills the launcher's workers too, not only the launcher
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
-        start_new_session=True,
-    ) as popen:  # fmt: skip
-        try:
-            stdout, stderr = popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.communicate()
-            raise
-    proc = subprocess.CompletedProcess(command, popen.returncode, stdout, stderr)
+    proc = run_in_own_session(command, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
