@@ -34,10 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_file")
     p.add_argument("--test_file")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max_train_samples", type=int, help="Fewer training documents (a smoke run).")
     p.add_argument("--json", help="Also write the row to this file.")
     args = p.parse_args(argv)
     start = time.time()
-    data = load_multilabel_dataset(train_file=args.train_file, test_file=args.test_file, seed=args.seed)
+    data = load_multilabel_dataset(
+        train_file=args.train_file, test_file=args.test_file, seed=args.seed, max_train_samples=args.max_train_samples
+    )
     labels = build_label_vocabulary(data["train"]["labels"])
     binarizer = MultiLabelBinarizer(classes=labels)
     y_train = binarizer.fit_transform([[x for x in row if x in set(labels)] for row in data["train"]["labels"]])

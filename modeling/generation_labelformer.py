@@ -4,7 +4,7 @@ The decoder vocabulary is the label set plus pad/bos/eos (label ``k`` is token `
 is the document's labels in ``config.label_order`` followed by EOS, so the model decides how many
 labels a document gets. One decision path: ``forward()`` computes the label logits (the decoder's,
 plus the document's own label logits, `LabelEncoderOutput.label_logits`: a linear classifier of the
-mean encoder state, and the optional lexical part), ``generate()`` decodes them
+mean encoder state, label-wise attention over the encoder states, and the optional lexical part), ``generate()`` decodes them
 under `LabelSetLogitsProcessor`, and `predict_labels`, the pipeline and Trainer's
 ``predict_with_generate`` all read their answers off that path.
 
@@ -30,11 +30,27 @@ from .prediction_labelformer import MultiLabelPredictionMixin, lexical_scorer_of
 @dataclass
 class LabelEncoderOutput(BaseModelOutput):
     """`BaseModelOutput` plus ``label_logits`` ``[b, num_labels]``: what the head adds to every
-    decoding step's label logits for this document (its document classifier's logits, plus the lexical
-    part's scaled margins when it has one). `generate()` carries it with the encoder states and expands
+    decoding step's label logits for this document (its document classifier's and its label attention's
+    logits, plus the lexical part's scaled margins when it has one). `generate()` carries it with the encoder states and expands
     it for beam search."""
 
     label_logits: torch.FloatTensor | None = None
+
+
+class LabelAttention(nn.Module):
+    """Label-wise attention over the encoder states: label ``k`` pools the document with its own query and
+    scores the pooled vector with its own weights (as in LAAT, Vu et al. 2020). ``[b, s, d]`` -> ``[b, L]``."""
+
+    def __init__(self, d_model: int, num_labels: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(d_model, num_labels, bias=False)
+        self.value = nn.Linear(d_model, num_labels)
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        scores = self.query(states)  # [b, s, L]
+        if attention_mask is not None:
+            scores = scores.masked_fill(attention_mask[:, :, None] == 0, torch.finfo(scores.dtype).min)
+        return (scores.softmax(dim=1) * self.value(states)).sum(dim=1)
 
 
 class _LabelEncoding:
@@ -87,6 +103,9 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         #: step: the decoder then learns what to add to a bag-of-states classifier (which labels are
         #: already written, when to stop) instead of learning the document's evidence step by step.
         self.document_classifier = nn.Linear(config.d_model, config.num_labels)
+        #: Label-wise attention: each label also reads the document with its own query, so the evidence of a
+        #: rare label is not averaged away in the mean (benchmarks/RESULTS.md, 2026-12-04).
+        self.label_attention = LabelAttention(config.d_model, config.num_labels)
         self.lexical_scorer = lexical_scorer_of(config)
         #: Replay the greedy label loop as a CUDA graph on GPUs (captured per batch shape).
         self.use_cuda_graphs = True
@@ -108,7 +127,9 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
             input_ids, attention_mask, inputs_embeds,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
         )  # fmt: skip
-        label_logits = self.document_classifier(masked_mean(encoded.last_hidden_state, attention_mask))
+        states = encoded.last_hidden_state
+        label_logits = self.document_classifier(masked_mean(states, attention_mask))
+        label_logits = label_logits + self.label_attention(states, attention_mask)
         if self.lexical_scorer is not None:
             if input_ids is None:
                 raise ValueError("This model's lexical part reads `input_ids`: pass them instead of `inputs_embeds`.")
@@ -285,4 +306,4 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         return self._scored_labels(tokens, scores)
 
 
-__all__ = ["LabelEncoderOutput", "LabelformerForMultiLabelGeneration"]
+__all__ = ["LabelAttention", "LabelEncoderOutput", "LabelformerForMultiLabelGeneration"]

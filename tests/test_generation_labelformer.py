@@ -216,7 +216,12 @@ def test_encode_carries_the_document_label_logits():
     assert isinstance(encoded, LabelEncoderOutput)
     torch.testing.assert_close(encoded.last_hidden_state, states)
     pooled = torch.stack([states[0].mean(0), states[1, :6].mean(0)])  # the mean over real tokens only
-    torch.testing.assert_close(encoded.label_logits, model.document_classifier(pooled))
+    attended = []  # label-wise attention: label k's softmax over real tokens of its query scores
+    for row, real in ((0, 10), (1, 6)):
+        weights = model.label_attention.query(states[row, :real]).softmax(0)  # [s, L]
+        attended.append((weights * model.label_attention.value(states[row, :real])).sum(0))
+    expected = model.document_classifier(pooled) + torch.stack(attended)
+    torch.testing.assert_close(encoded.label_logits, expected)
     bias = model.row_bias(encoded)
     assert bias.shape == (2, model.config.decoder_vocab_size) and not bias[:, :SPECIAL].any()
 
@@ -236,6 +241,20 @@ def test_document_label_logits_shift_every_step_and_decide():
     for num_beams in (1, 2):  # the fast greedy path and the generic beam search both read it
         first = model.generate(input_ids=ids, do_sample=False, num_beams=num_beams)[:, 1]
         assert first.tolist() == [7 + SPECIAL] * 3
+
+
+@torch.no_grad()
+def test_label_attention_decides_and_ignores_padding():
+    """A label's own attention reading reaches the decoded labels, and padding never changes it."""
+    model = LabelformerForMultiLabelGeneration(synthetic_config()).eval()
+    ids, _ = synthetic_batch(2, 12, torch.Generator().manual_seed(2))
+    padded = torch.cat([ids, torch.full((2, 5), model.config.pad_token_id)], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(
+        model.encode(padded, mask).label_logits, model.encode(ids, torch.ones_like(ids)).label_logits
+    )
+    model.label_attention.value.bias[5] += 50.0
+    assert model.generate(input_ids=ids, do_sample=False)[:, 1].tolist() == [5 + SPECIAL] * 2
 
 
 def train_synthetic(model, steps: int, collate_labels, lr: float = 2e-3):

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Reproduce the README's one-hour results: the Transformer alone, the shipped model, the threshold head and
+the linear SVM on Reuters-21578 (ApteMod), from scratch, in one command on 2 CPU cores.
+
+    python examples/reproduce_reuters.py --output_dir runs/reuters
+    python examples/reproduce_reuters.py --output_dir runs/debtags --data debtags   # the second data set
+
+Each system trains in its own process, one after the other, on the same split (10% of train is
+validation, seed 42 by default); the test set is read once per system, by the best epoch on validation:
+
+- ``transformer``: the generation head of ``train_multilabel.py --preset reproduce``, nothing but its
+  own layers deciding (saved in ``DIR/transformer``);
+- ``shipped``: the same model with its hybrid lexical part, scale chosen on validation (``DIR/shipped``);
+- ``threshold``: the threshold head on the same recipe, with its lexical part (``DIR/threshold``);
+- ``svm``: tf-idf + one-vs-rest LinearSVC, C chosen on validation (``benchmarks/svm_baseline.py``).
+
+``DIR/results.json`` holds the four rows (micro_f1, macro_f1, example_f1, subset_accuracy,
+hamming_loss), the seconds each took, the recipe and the machine. The training runs (logs, curves,
+checkpoints, per-label tables) stay in ``DIR/runs/``. At the end both generation models are reloaded
+the way users load them (``AutoModelForSeq2SeqLM``, ``trust_remote_code=True``) and their
+``predict_labels`` answers are scored again: a different micro-F1 is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from modeling import load_multilabel_dataset  # noqa: E402
+from modeling.evaluation_labelformer import METRIC_KEYS, evaluate_predictions, write_json  # noqa: E402
+
+logger = logging.getLogger("reproduce_reuters")
+
+DATA = {
+    "reuters": [],  # the embedded Reuters-21578 ApteMod split
+    "debtags": ["--train_file", str(ROOT / "data/debtags/train.jsonl.gz"),
+                "--test_file", str(ROOT / "data/debtags/test.jsonl.gz")],
+}  # fmt: skip
+#: Files of a training run's output folder that are not part of the shipped model.
+RUN_RECORDS = ("test_metrics.json", "history.json", "training_args.json", "per_label_metrics.md", "training_curve.png")
+
+
+def run(command: list[str], log: Path) -> float:
+    """Run ``command`` from the repository root, its output to ``log``; return its wall-clock seconds."""
+    start = time.time()
+    with open(log, "w") as stream:
+        done = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {Path(command[1]).name} failed (exit {done.returncode}); see {log}")
+    return round(time.time() - start, 1)
+
+
+def copy_model(source: Path, target: Path) -> None:
+    """Copy a saved model folder's files (not its sub-folders nor the run's records) to ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and path.name not in RUN_RECORDS:
+            shutil.copy2(path, target / path.name)
+
+
+def reload_micro_f1(folder: Path, texts: list[str], references: list[list[str]]) -> float:
+    """Test micro-F1 of the model in ``folder`` loaded as users load it, answering through `predict_labels`."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    predictions = model.predict_labels(texts, tokenizer, batch_size=64, allow_empty=True)
+    return evaluate_predictions(predictions, references, list(model.config.id2label.values()))["micro_f1"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--data", choices=sorted(DATA), default="reuters", help="reuters, or the second data set.")
+    p.add_argument("--train_file", help="Your own data instead (jsonl/csv/... with text and labels columns).")
+    p.add_argument("--test_file")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--systems", nargs="+", choices=["generation", "threshold", "svm"],
+                   default=["generation", "threshold", "svm"], help="What to train (generation: transformer + shipped).")  # fmt: skip
+    p.add_argument("--max_train_samples", type=int, help="Fewer training documents (a smoke run).")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="Retrain over the runs of an earlier call.")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="More train_multilabel.py flags, after the recipe's (e.g. --extra --epochs 8).")  # fmt: skip
+    args = p.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    out = Path(args.output_dir).resolve()
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    data_flags = list(DATA[args.data])
+    if args.train_file:
+        data_flags = ["--train_file", args.train_file] + (["--test_file", args.test_file] if args.test_file else [])
+        args.data = Path(args.train_file).name
+    if args.max_train_samples:
+        data_flags += ["--max_train_samples", str(args.max_train_samples)]
+    start = time.time()
+    results: dict = {
+        "data": args.data,
+        "seed": args.seed,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "recipe": ["--preset", "reproduce", *args.extra],
+        "rows": {},
+        "seconds": {},
+    }
+    train = [sys.executable, "examples/train_multilabel.py", "--preset", "reproduce", "--num_beams", "1",
+             "--no_progress", "--seed", str(args.seed), *data_flags]  # fmt: skip
+    if args.overwrite_output_dir:
+        train.append("--overwrite_output_dir")
+    for head in [system for system in args.systems if system != "svm"]:
+        folder = runs / head
+        logger.info("training the %s head (log: %s)", head, runs / f"{head}.log")
+        seconds = run([*train, "--head", head, "--output_dir", str(folder), *args.extra], runs / f"{head}.log")
+        metrics = json.loads((folder / "test_metrics.json").read_text())
+        if head == "generation":
+            copy_model(folder / "best_model", out / "transformer")
+            copy_model(folder, out / "shipped")
+            results["rows"].update(transformer=metrics["transformer"], shipped=metrics["shipped"])
+        else:
+            copy_model(folder, out / "threshold")
+            results["rows"].update(threshold=metrics["shipped"], threshold_alone=metrics["transformer"])
+        results["seconds"][head] = seconds
+        logger.info("%s head: %s (%.0f s)", head, json.dumps({k: round(v, 4) for k, v in metrics["shipped"].items()}),
+                    seconds)  # fmt: skip
+    if "svm" in args.systems:
+        svm_file = runs / "svm.json"
+        command = [sys.executable, "benchmarks/svm_baseline.py", *data_flags, "--seed", str(args.seed),
+                   "--json", str(svm_file)]  # fmt: skip
+        results["seconds"]["svm"] = run(command, runs / "svm.log")
+        results["rows"]["svm"] = json.loads(svm_file.read_text())["svm"]
+
+    if "generation" in args.systems:  # the saved models answer as the rows say
+        test = load_multilabel_dataset(**_data_kwargs(data_flags), seed=args.seed)["test"]
+        for name in ("transformer", "shipped"):
+            again = reload_micro_f1(out / name, list(test["text"]), list(test["labels"]))
+            results["rows"][name]["reloaded_micro_f1"] = again
+            if abs(again - results["rows"][name]["micro_f1"]) > 1e-9:
+                raise SystemExit(f"error: {out / name} reloaded scores micro-F1 {again:.4f}, its row "
+                                 f"{results['rows'][name]['micro_f1']:.4f}")  # fmt: skip
+    results["seconds"]["total"] = round(time.time() - start, 1)
+    write_json(results, out / "results.json")
+    print(f"\n| {args.data} row | " + " | ".join(METRIC_KEYS) + " |")
+    print("|---|" + "---:|" * len(METRIC_KEYS))
+    for name, row in results["rows"].items():
+        print(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in METRIC_KEYS) + " |")
+    print(f"\n{results['seconds']['total'] / 60:.1f} minutes; results and models in {out}")
+    return 0
+
+
+def _data_kwargs(flags: list[str]) -> dict:
+    """``--train_file A --test_file B ...`` -> keyword arguments of `load_multilabel_dataset`."""
+    kwargs = {flags[i].lstrip("-"): flags[i + 1] for i in range(0, len(flags), 2)}
+    if "max_train_samples" in kwargs:
+        kwargs["max_train_samples"] = int(kwargs["max_train_samples"])
+    return kwargs
+
+
+if __name__ == "__main__":
+    sys.exit(main())
