@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test_file")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--systems", nargs="+", choices=["generation", "threshold", "svm"],
-                   default=["generation", "threshold", "svm"], help="What to train (generation: transformer + shipped).")  # fmt: skip
+                   default=["generation", "threshold", "svm"],
+                   help="What to train (generation: the transformer and shipped rows).")  # fmt: skip
     p.add_argument("--max_train_samples", type=int, help="Fewer training documents (a smoke run).")
     p.add_argument("--overwrite_output_dir", action="store_true", help="Retrain over the runs of an earlier call.")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],

@@ -4,9 +4,9 @@ The decoder vocabulary is the label set plus pad/bos/eos (label ``k`` is token `
 is the document's labels in ``config.label_order`` followed by EOS, so the model decides how many
 labels a document gets. One decision path: ``forward()`` computes the label logits (the decoder's,
 plus the document's own label logits, `LabelEncoderOutput.label_logits`: a linear classifier of the
-mean encoder state, label-wise attention over the encoder states, and the optional lexical part), ``generate()`` decodes them
-under `LabelSetLogitsProcessor`, and `predict_labels`, the pipeline and Trainer's
-``predict_with_generate`` all read their answers off that path.
+mean encoder state, label-wise attention over the encoder states, and the optional lexical part),
+``generate()`` decodes them under `LabelSetLogitsProcessor`, and `predict_labels`, the pipeline and
+Trainer's ``predict_with_generate`` all read their answers off that path.
 
 This file is copied into saved model folders and must only import our own code relatively.
 """
@@ -31,8 +31,8 @@ from .prediction_labelformer import MultiLabelPredictionMixin, lexical_scorer_of
 class LabelEncoderOutput(BaseModelOutput):
     """`BaseModelOutput` plus ``label_logits`` ``[b, num_labels]``: what the head adds to every
     decoding step's label logits for this document (its document classifier's and its label attention's
-    logits, plus the lexical part's scaled margins when it has one). `generate()` carries it with the encoder states and expands
-    it for beam search."""
+    logits, plus the lexical part's scaled margins when it has one). `generate()` carries it with the
+    encoder states and expands it for beam search."""
 
     label_logits: torch.FloatTensor | None = None
 
