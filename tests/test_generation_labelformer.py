@@ -245,7 +245,7 @@ def test_document_label_logits_shift_every_step_and_decide():
 
 @torch.no_grad()
 def test_label_attention_decides_and_ignores_padding():
-    """A label's own attention reading reaches the decoded labels, and padding never changes it."""
+    """A label's own attention reading reaches the decoded labels; padding and chunking never change it."""
     model = LabelformerForMultiLabelGeneration(synthetic_config()).eval()
     ids, _ = synthetic_batch(2, 12, torch.Generator().manual_seed(2))
     padded = torch.cat([ids, torch.full((2, 5), model.config.pad_token_id)], dim=1)
@@ -253,6 +253,9 @@ def test_label_attention_decides_and_ignores_padding():
     torch.testing.assert_close(
         model.encode(padded, mask).label_logits, model.encode(ids, torch.ones_like(ids)).label_logits
     )
+    whole = model.encode(padded, mask).label_logits
+    model.label_attention.chunk_size = 3  # label sets in the thousands are read in chunks: the same logits
+    torch.testing.assert_close(model.encode(padded, mask).label_logits, whole)
     model.label_attention.value.bias[5] += 50.0
     assert model.generate(input_ids=ids, do_sample=False)[:, 1].tolist() == [5 + SPECIAL] * 2
 
