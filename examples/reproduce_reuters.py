@@ -6,7 +6,8 @@ the linear SVM on Reuters-21578 (ApteMod), from scratch, in one command on 2 CPU
     python examples/reproduce_reuters.py --output_dir runs/debtags --data debtags   # the second data set
 
 Each system trains in its own process, one after the other, on the same split (10% of train is
-validation, seed 42 by default); the test set is read once per system, by the best epoch on validation:
+validation, seed 42 by default); each system is scored on the test set once, by its best epoch on
+validation:
 
 - ``transformer``: the generation head of ``train_multilabel.py --preset reproduce``, nothing but its
   own layers deciding (saved in ``DIR/transformer``);
@@ -14,11 +15,15 @@ validation, seed 42 by default); the test set is read once per system, by the be
 - ``threshold``: the threshold head on the same recipe, with its lexical part (``DIR/threshold``);
 - ``svm``: tf-idf + one-vs-rest LinearSVC, C chosen on validation (``benchmarks/svm_baseline.py``).
 
-``DIR/results.json`` holds the four rows (micro_f1, macro_f1, example_f1, subset_accuracy,
-hamming_loss), the seconds each took, the recipe and the machine. The training runs (logs, curves,
+``DIR/results.json`` holds the rows ``transformer``, ``shipped``, ``threshold`` (and
+``threshold_alone``, the threshold head without its lexical part) and ``svm`` (micro_f1, macro_f1,
+example_f1, subset_accuracy, hamming_loss), the seconds each took, the commands that ran and the
+machine; it is written after every step. The training runs (logs, curves,
 checkpoints, per-label tables) stay in ``DIR/runs/``. At the end both generation models are reloaded
 the way users load them (``AutoModelForSeq2SeqLM``, ``trust_remote_code=True``) and their
-``predict_labels`` answers are scored again: a different micro-F1 is an error.
+``predict_labels`` answers are scored again: a different micro-F1 is an error (on the training device's
+numbers: run it where it trained). Folders that hold models already are refused unless
+``--overwrite_output_dir``.
 """
 
 from __future__ import annotations
@@ -42,11 +47,10 @@ from modeling.evaluation_labelformer import METRIC_KEYS, evaluate_predictions, w
 
 logger = logging.getLogger("reproduce_reuters")
 
-DATA = {
-    "reuters": [],  # the embedded Reuters-21578 ApteMod split
-    "debtags": ["--train_file", str(ROOT / "data/debtags/train.jsonl.gz"),
-                "--test_file", str(ROOT / "data/debtags/test.jsonl.gz")],
-}  # fmt: skip
+DATA = {  # name -> (train file, test file); None: the embedded Reuters-21578 ApteMod split
+    "reuters": None,
+    "debtags": (str(ROOT / "data/debtags/train.jsonl.gz"), str(ROOT / "data/debtags/test.jsonl.gz")),
+}
 #: Files of a training run's output folder that are not part of the shipped model.
 RUN_RECORDS = ("test_metrics.json", "history.json", "training_args.json", "per_label_metrics.md", "training_curve.png")
 
@@ -79,12 +83,17 @@ def reload_micro_f1(folder: Path, texts: list[str], references: list[list[str]])
     return evaluate_predictions(predictions, references, list(model.config.id2label.values()))["micro_f1"]
 
 
+#: Flags the script sets itself; in ``--extra`` they would make it read the wrong folders.
+RESERVED_FLAGS = ("--output_dir", "--head", "--train_file", "--test_file", "--overwrite_output_dir")
+MODEL_FOLDERS = ("transformer", "shipped", "threshold")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", required=True)
     p.add_argument("--data", choices=sorted(DATA), default="reuters", help="reuters, or the second data set.")
-    p.add_argument("--train_file", help="Your own data instead (jsonl/csv/... with text and labels columns).")
-    p.add_argument("--test_file")
+    p.add_argument("--train_file", help="Your own data instead of --data (jsonl/csv/... with text and labels).")
+    p.add_argument("--test_file", help="With --train_file: its test split.")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--systems", nargs="+", choices=["generation", "threshold", "svm"],
                    default=["generation", "threshold", "svm"],
@@ -94,33 +103,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="More train_multilabel.py flags, after the recipe's (e.g. --extra --epochs 8).")  # fmt: skip
     args = p.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if bool(args.train_file) != bool(args.test_file):
+        p.error("--train_file and --test_file go together (the rows are test-set scores).")
+    reserved = [flag for flag in args.extra if flag.split("=")[0] in RESERVED_FLAGS]
+    if reserved:
+        p.error(f"{', '.join(reserved)} cannot go in --extra: use this script's own flags.")
     out = Path(args.output_dir).resolve()
+    taken = [out / name for name in MODEL_FOLDERS if (out / name).is_dir() and any((out / name).iterdir())]
+    if taken and not args.overwrite_output_dir:
+        p.error(f"{', '.join(map(str, taken))} already hold models: pass --overwrite_output_dir to replace "
+                "them, or choose another --output_dir.")  # fmt: skip
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    data_flags = list(DATA[args.data])
-    if args.train_file:
-        data_flags = ["--train_file", args.train_file] + (["--test_file", args.test_file] if args.test_file else [])
+    data: dict = {"train_file": None, "test_file": None, "max_train_samples": args.max_train_samples}
+    if args.train_file:  # absolute: the training runs start in the repository root
+        data.update(train_file=str(Path(args.train_file).resolve()), test_file=str(Path(args.test_file).resolve()))
         args.data = Path(args.train_file).name
-    if args.max_train_samples:
-        data_flags += ["--max_train_samples", str(args.max_train_samples)]
+    elif DATA[args.data]:
+        data.update(train_file=DATA[args.data][0], test_file=DATA[args.data][1])
+    data_flags = [f"--{key}={value}" for key, value in data.items() if value is not None]
+    train = [sys.executable, "examples/train_multilabel.py", "--preset", "reproduce", "--num_beams", "1",
+             "--no_progress", "--seed", str(args.seed), *data_flags]  # fmt: skip
+    if args.overwrite_output_dir:
+        train.append("--overwrite_output_dir")
     start = time.time()
     results: dict = {
         "data": args.data,
         "seed": args.seed,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
         "recipe": ["--preset", "reproduce", *args.extra],
+        "commands": {},
         "rows": {},
         "seconds": {},
     }
-    train = [sys.executable, "examples/train_multilabel.py", "--preset", "reproduce", "--num_beams", "1",
-             "--no_progress", "--seed", str(args.seed), *data_flags]  # fmt: skip
-    if args.overwrite_output_dir:
-        train.append("--overwrite_output_dir")
+
+    def save() -> None:  # after every step: a late failure keeps what was measured
+        results["seconds"]["total"] = round(time.time() - start, 1)
+        write_json(results, out / "results.json")
+
     for head in [system for system in args.systems if system != "svm"]:
         folder = runs / head
         logger.info("training the %s head (log: %s)", head, runs / f"{head}.log")
-        seconds = run([*train, "--head", head, "--output_dir", str(folder), *args.extra], runs / f"{head}.log")
+        command = [*train, "--head", head, "--output_dir", str(folder), *args.extra]
+        results["commands"][head] = command[1:]
+        seconds = run(command, runs / f"{head}.log")
         metrics = json.loads((folder / "test_metrics.json").read_text())
         if head == "generation":
             copy_model(folder / "best_model", out / "transformer")
@@ -130,39 +157,36 @@ def main(argv: list[str] | None = None) -> int:
             copy_model(folder, out / "threshold")
             results["rows"].update(threshold=metrics["shipped"], threshold_alone=metrics["transformer"])
         results["seconds"][head] = seconds
+        save()
         logger.info("%s head: %s (%.0f s)", head, json.dumps({k: round(v, 4) for k, v in metrics["shipped"].items()}),
                     seconds)  # fmt: skip
     if "svm" in args.systems:
         svm_file = runs / "svm.json"
         command = [sys.executable, "benchmarks/svm_baseline.py", *data_flags, "--seed", str(args.seed),
                    "--json", str(svm_file)]  # fmt: skip
+        results["commands"]["svm"] = command[1:]
         results["seconds"]["svm"] = run(command, runs / "svm.log")
         results["rows"]["svm"] = json.loads(svm_file.read_text())["svm"]
+        save()
 
+    mismatch = []
     if "generation" in args.systems:  # the saved models answer as the rows say
-        test = load_multilabel_dataset(**_data_kwargs(data_flags), seed=args.seed)["test"]
+        test = load_multilabel_dataset(**data, seed=args.seed)["test"]
         for name in ("transformer", "shipped"):
             again = reload_micro_f1(out / name, list(test["text"]), list(test["labels"]))
             results["rows"][name]["reloaded_micro_f1"] = again
             if abs(again - results["rows"][name]["micro_f1"]) > 1e-9:
-                raise SystemExit(f"error: {out / name} reloaded scores micro-F1 {again:.4f}, its row "
-                                 f"{results['rows'][name]['micro_f1']:.4f}")  # fmt: skip
-    results["seconds"]["total"] = round(time.time() - start, 1)
-    write_json(results, out / "results.json")
+                mismatch.append(f"{out / name} reloaded scores micro-F1 {again:.4f}, its row "
+                                f"{results['rows'][name]['micro_f1']:.4f}")  # fmt: skip
+    save()
+    if mismatch:
+        raise SystemExit("error: " + "; ".join(mismatch))
     print(f"\n| {args.data} row | " + " | ".join(METRIC_KEYS) + " |")
     print("|---|" + "---:|" * len(METRIC_KEYS))
     for name, row in results["rows"].items():
         print(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in METRIC_KEYS) + " |")
     print(f"\n{results['seconds']['total'] / 60:.1f} minutes; results and models in {out}")
     return 0
-
-
-def _data_kwargs(flags: list[str]) -> dict:
-    """``--train_file A --test_file B ...`` -> keyword arguments of `load_multilabel_dataset`."""
-    kwargs = {flags[i].lstrip("-"): flags[i + 1] for i in range(0, len(flags), 2)}
-    if "max_train_samples" in kwargs:
-        kwargs["max_train_samples"] = int(kwargs["max_train_samples"])
-    return kwargs
 
 
 if __name__ == "__main__":

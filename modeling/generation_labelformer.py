@@ -41,8 +41,9 @@ class LabelAttention(nn.Module):
     """Label-wise attention over the encoder states: label ``k`` pools the document with its own query and
     scores the pooled vector with its own weights (as in LAAT, Vu et al. 2020). ``[b, s, d]`` -> ``[b, L]``."""
 
-    #: Labels read per chunk: the ``[b, s, labels]`` scores stay bounded for label sets in the thousands
-    #: (10,000 labels x 1,024 tokens x 16 documents would be 650 MB per tensor); the result is the same.
+    #: Labels read per chunk: at inference the ``[b, s, labels]`` scores stay bounded for label sets in the
+    #: thousands (10,000 labels x 1,024 tokens x 16 documents would be 650 MB per tensor); the result is the
+    #: same. (Training keeps every chunk's activations for the backward pass.)
     chunk_size = 2048
 
     def __init__(self, d_model: int, num_labels: int) -> None:
@@ -113,8 +114,8 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         #: step: the decoder then learns what to add to a bag-of-states classifier (which labels are
         #: already written, when to stop) instead of learning the document's evidence step by step.
         self.document_classifier = nn.Linear(config.d_model, config.num_labels)
-        #: Label-wise attention: each label also reads the document with its own query, so the evidence of a
-        #: rare label is not averaged away in the mean (benchmarks/RESULTS.md, 2026-12-04).
+        #: Label-wise attention: each label also reads the document with its own query, not only through the
+        #: mean (benchmarks/RESULTS.md, 2026-12-04). Checkpoints saved before it existed lack its weights.
         self.label_attention = LabelAttention(config.d_model, config.num_labels)
         self.lexical_scorer = lexical_scorer_of(config)
         #: Replay the greedy label loop as a CUDA graph on GPUs (captured per batch shape).

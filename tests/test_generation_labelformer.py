@@ -260,6 +260,16 @@ def test_label_attention_decides_and_ignores_padding():
     assert model.generate(input_ids=ids, do_sample=False)[:, 1].tolist() == [5 + SPECIAL] * 2
 
 
+def test_label_attention_learns_from_the_loss():
+    """The training loss reaches both of label attention's weights (its query through the softmax)."""
+    model = LabelformerForMultiLabelGeneration(synthetic_config()).train()
+    ids, _ = synthetic_batch(2, 12, torch.Generator().manual_seed(3))
+    labels = torch.tensor([[4, 5, 2], [6, 2, -100]])
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+    for weight in (model.label_attention.query.weight, model.label_attention.value.weight):
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
 def train_synthetic(model, steps: int, collate_labels, lr: float = 2e-3):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)

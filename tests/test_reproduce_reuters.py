@@ -54,6 +54,7 @@ def test_reproduction_writes_every_row_and_models_that_reload_to_their_rows(tmp_
     assert results["data"] == "train.jsonl"
     for name in ("transformer", "shipped"):  # the script reloaded each through AutoModelForSeq2SeqLM
         assert results["rows"][name]["reloaded_micro_f1"] == results["rows"][name]["micro_f1"]
+    assert results["seconds"]["total"] >= results["seconds"]["generation"] > 0
     assert results["recipe"][:2] == ["--preset", "reproduce"] and "tiny" in results["recipe"]
     assert set(results["seconds"]) == {"generation", "threshold", "svm", "total"}
     # The Transformer alone has no lexical part; the shipped model and the threshold head carry theirs.
@@ -61,11 +62,27 @@ def test_reproduction_writes_every_row_and_models_that_reload_to_their_rows(tmp_
                ("transformer", "shipped", "threshold")}  # fmt: skip
     assert not configs["transformer"].lexical_scorer
     assert configs["shipped"].lexical_scorer and configs["threshold"].lexical_scorer
-    assert not any((out / "shipped" / record).exists() for record in ("test_metrics.json", "checkpoints"))
-    assert (out / "runs" / "generation" / "test_metrics.json").exists()
+    assert not (out / "shipped" / "test_metrics.json").exists()  # the run's records stay in runs/
+    for head in ("generation", "threshold"):  # the flags after --extra won over the recipe's
+        trained = json.loads((out / "runs" / head / "training_args.json").read_text())
+        assert (trained["d_model"], trained["epochs"], trained["head"]) == (32, 1, head)
+        assert results["commands"][head][-3:] == ["tiny", "--epochs", "1"]
+    with pytest.raises(SystemExit):  # the saved models are never replaced without --overwrite_output_dir
+        load_script().main(argv)
+    assert json.loads((out / "results.json").read_text()) == results
 
 
 def test_reproduction_stops_with_the_failing_step_named(tmp_path: Path) -> None:
     argv = ["--output_dir", str(tmp_path), "--systems", "generation", "--extra", "--preset", "tiny", "--epochs", "0"]
     with pytest.raises(SystemExit, match="train_multilabel.py failed.*generation.log"):
         load_script().main(argv)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--train_file", "train.jsonl"], "go together"), (["--extra", "--output_dir", "elsewhere"], "--output_dir")],
+)
+def test_reproduction_refuses_contradictory_flags(tmp_path: Path, argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        load_script().main(["--output_dir", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
