@@ -53,14 +53,18 @@ class LabelAttention(nn.Module):
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """``[b, s, d]`` states and ``[b, s]`` 1/0 mask -> ``[b, L]`` logits."""
+        padding = None if attention_mask is None else attention_mask[:, :, None] == 0  # [b, s, 1]
         chunks = []
         for start in range(0, self.query.out_features, self.chunk_size):
             labels = slice(start, start + self.chunk_size)
             scores = nn.functional.linear(states, self.query.weight[labels])  # [b, s, labels of this chunk]
-            if attention_mask is not None:
-                scores = scores.masked_fill(attention_mask[:, :, None] == 0, torch.finfo(scores.dtype).min)
+            if padding is not None:
+                scores = scores.masked_fill(padding, torch.finfo(scores.dtype).min)
+            weights = scores.softmax(dim=1)
+            if padding is not None:  # exact zeros already, except in a row of padding only: it reads nothing
+                weights = weights.masked_fill(padding, 0.0)
             values = nn.functional.linear(states, self.value.weight[labels], self.value.bias[labels])
-            chunks.append((scores.softmax(dim=1) * values).sum(dim=1))
+            chunks.append((weights * values).sum(dim=1))
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
 
 

@@ -254,6 +254,8 @@ def test_label_attention_decides_and_ignores_padding():
         model.encode(padded, mask).label_logits, model.encode(ids, torch.ones_like(ids)).label_logits
     )
     whole = model.encode(padded, mask).label_logits
+    empty = model.label_attention(torch.randn(2, 5, model.config.d_model), torch.zeros(2, 5, dtype=torch.long))
+    assert not empty.any()  # a row of padding only reads nothing, as the masked mean does
     model.label_attention.chunk_size = 3  # label sets in the thousands are read in chunks: the same logits
     torch.testing.assert_close(model.encode(padded, mask).label_logits, whole)
     model.label_attention.value.bias[5] += 50.0
