@@ -103,15 +103,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (bf16 autocast where the CPU has it pays for d_model 256: see benchmarks/RESULTS.md, 2026-12-04)
     "quick": dict(vocab_size=8000, max_length=128, d_model=256, encoder_layers=2, decoder_layers=1, attention_heads=4,
                   ffn_dim=1024, dropout=0.0, epochs=12, batch_size=32, learning_rate=1e-3, early_stopping_patience=4),
-    # 2 CPU cores, about 20 minutes of training: the quick model on 256 tokens of a 16k vocabulary, longer
-    # (examples/reproduce_reuters.py; benchmarks/RESULTS.md, 2026-12-04)
-    "reproduce": dict(vocab_size=16000, max_length=256, d_model=256, encoder_layers=2, decoder_layers=1,
-                      attention_heads=4, ffn_dim=1024, dropout=0.0, epochs=16, batch_size=32, learning_rate=1e-3,
-                      early_stopping_patience=4),
     # Transformer-base (Vaswani et al.) for GPUs
     "base": dict(vocab_size=32000, max_length=256, d_model=512, encoder_layers=6, decoder_layers=6, attention_heads=8,
                  ffn_dim=2048, epochs=40, batch_size=64, learning_rate=5e-4, early_stopping_patience=5),
 }  # fmt: skip
+# 2 CPU cores, about 20 minutes of training: the quick model on 256 tokens of a 16k vocabulary, longer
+# (examples/reproduce_reuters.py; benchmarks/RESULTS.md, 2026-12-04)
+PRESETS["reproduce"] = {**PRESETS["quick"], "vocab_size": 16000, "max_length": 256, "epochs": 16}
 DEFAULTS: dict[str, Any] = dict(
     vocab_size=16000, max_length=256, d_model=256, encoder_layers=2, decoder_layers=1, attention_heads=4,
     ffn_dim=1024, dropout=0.1, epochs=10, batch_size=32, learning_rate=1e-3, early_stopping_patience=3,
