@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from training_utils import (  # noqa: E402
     TrainingError,
+    WeightAverage,
     apply_learning_rate,
     check_finite_update,
     check_finite_weights_after_step,
@@ -107,12 +108,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(vocab_size=32000, max_length=256, d_model=512, encoder_layers=6, decoder_layers=6, attention_heads=8,
                  ffn_dim=2048, epochs=40, batch_size=64, learning_rate=5e-4, early_stopping_patience=5),
 }  # fmt: skip
-# 2 CPU cores, about 20 minutes of training: the quick model on 256 tokens of a 16k vocabulary, longer
-# (examples/reproduce_reuters.py; benchmarks/RESULTS.md, 2026-12-04)
-PRESETS["reproduce"] = {**PRESETS["quick"], "vocab_size": 16000, "max_length": 256, "epochs": 16}
+# 2 CPU cores, about 20 minutes of training: the quick model on 256 tokens of a 16k vocabulary, longer, and from
+# epoch 6 on the mean of the weights since then (examples/reproduce_reuters.py; benchmarks/RESULTS.md, 2026-12-04)
+PRESETS["reproduce"] = {
+    **PRESETS["quick"], "vocab_size": 16000, "max_length": 256, "epochs": 16, "average_from_epoch": 6,
+}  # fmt: skip
 DEFAULTS: dict[str, Any] = dict(
     vocab_size=16000, max_length=256, d_model=256, encoder_layers=2, decoder_layers=1, attention_heads=4,
     ffn_dim=1024, dropout=0.1, epochs=10, batch_size=32, learning_rate=1e-3, early_stopping_patience=3,
+    average_from_epoch=0,
 )  # fmt: skip
 WARMUP_RATIO = 0.05
 SHOW_EXAMPLES = 5  # test predictions printed at the end
@@ -215,10 +219,13 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         num_training_steps=total_steps * accelerator.num_processes,
     )  # fmt: skip
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    averaged = WeightAverage(accelerator.unwrap_model(model)) if args.average_from_epoch else None
     state: dict[str, Any] = {"epoch": 0, "batches_done": 0, "global_step": 0, "best_micro_f1": -1.0, "best_epoch": -1,
-                             "epochs_without_improvement": 0, "history": []}  # fmt: skip
+                             "best_averaged_from": None, "epochs_without_improvement": 0, "history": []}  # fmt: skip
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        if averaged is not None:
+            averaged.load(checkpoint)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         logger.info("resumed from %s (epoch %d, step %d)", checkpoint, state["epoch"], state["global_step"])
     apply_learning_rate(scheduler, args.learning_rate, state)  # a resume may lower it (see its docstring)
@@ -251,30 +258,38 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             bar.set_postfix(loss=f"{logged:.4f}")
             state["history"].append({"step": state["global_step"], "loss": logged})
             if args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
-                save_checkpoint(accelerator, args, state)
+                save_checkpoint(accelerator, args, state, averaged)
             if args.stop_after_steps and state["global_step"] >= args.stop_after_steps:
                 logger.warning("stopped after %d steps (--stop_after_steps); continue with "
                                "--resume_from_checkpoint latest", state["global_step"])  # fmt: skip
                 return {}
 
-        # ---- end of epoch: validate (the Transformer alone), early stopping, checkpoint
+        # ---- end of epoch: validate (the Transformer alone, or from --average_from_epoch on the mean of
+        # the weights since then), early stopping, checkpoint
         state["epoch"] += 1
         state["batches_done"] = 0
         model.eval()
-        predictions = predict_split(accelerator, model, tokenizer, data["validation"]["text"], args, 1,
+        candidate, averaged_from = model, None
+        if averaged is not None and state["epoch"] >= args.average_from_epoch:
+            averaged.update_parameters(accelerator.unwrap_model(model))
+            candidate, averaged_from = averaged.module, args.average_from_epoch
+        predictions = predict_split(accelerator, candidate, tokenizer, data["validation"]["text"], args, 1,
                                     f"validation {state['epoch']}")  # fmt: skip
         metrics = evaluate_predictions(predictions, data["validation"]["labels"], labels)
         improved = metrics["micro_f1"] > state["best_micro_f1"]
         if improved:
-            save_model(accelerator, model, tokenizer, best_dir)
-        state["history"].append({"epoch": state["epoch"], **{f"validation_{k}": v for k, v in metrics.items()}})
-        logger.info("epoch %d: validation micro-F1 %.4f macro-F1 %.4f subset %.4f", state["epoch"],
+            save_model(accelerator, candidate, tokenizer, best_dir)
+        state["history"].append({"epoch": state["epoch"], "averaged_from": averaged_from,
+                                 **{f"validation_{k}": v for k, v in metrics.items()}})  # fmt: skip
+        logger.info("epoch %d%s: validation micro-F1 %.4f macro-F1 %.4f subset %.4f", state["epoch"],
+                    f" (weights averaged since epoch {averaged_from})" if averaged_from else "",
                     metrics["micro_f1"], metrics["macro_f1"], metrics["subset_accuracy"])  # fmt: skip
         if improved:
-            state.update(best_micro_f1=metrics["micro_f1"], best_epoch=state["epoch"], epochs_without_improvement=0)
+            state.update(best_micro_f1=metrics["micro_f1"], best_epoch=state["epoch"], best_averaged_from=averaged_from,
+                         epochs_without_improvement=0)  # fmt: skip
         else:
             state["epochs_without_improvement"] += 1
-        save_checkpoint(accelerator, args, state)
+        save_checkpoint(accelerator, args, state, averaged)
         if state["epochs_without_improvement"] >= args.early_stopping_patience:
             logger.info("early stopping: no improvement for %d epochs", args.early_stopping_patience)
             break
@@ -338,6 +353,8 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
         training_args = {k: getattr(args, k) for k in ("head", "epochs", "batch_size", "learning_rate", "dropout",
                                                           "label_order", "max_length", "seed")}  # fmt: skip
         training_args["best epoch (validation micro-F1)"] = f"{state['best_epoch']} ({state['best_micro_f1']:.4f})"
+        if state.get("best_averaged_from"):
+            training_args["weights"] = f"mean of epochs {state['best_averaged_from']} to {state['best_epoch']}"
         train_labels = data["train"]["labels"]
         training_data = describe_training_data(
             train_file=args.train_file, dataset_name=args.dataset_name, dataset_license=args.dataset_license,
@@ -397,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, help="Per process.")
     g.add_argument("--learning_rate", type=float)
     g.add_argument("--early_stopping_patience", type=int)
+    g.add_argument("--average_from_epoch", type=int, help="From this epoch on, validate and keep the mean of the "
+                   "weights since then (stochastic weight averaging); 0: off.")  # fmt: skip
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--mixed_precision", choices=["auto", "bf16", "no"], default="auto",
                    help="Training autocast; auto: bf16 where the GPU or CPU computes in bf16.")  # fmt: skip
@@ -426,6 +445,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value, least = getattr(args, name), 0 if name == "save_every_steps" else 1
         if value is not None and value < least:
             p.error(f"--{name} must be >= {least} (got {value}).")
+    if not 0 <= args.average_from_epoch <= args.epochs:
+        p.error(f"--average_from_epoch must be 0 (off) or an epoch up to --epochs {args.epochs} "
+                f"(got {args.average_from_epoch}).")  # fmt: skip
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         p.error(f"--learning_rate must be a finite number > 0 (got {args.learning_rate}).")
     return args

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from safetensors.torch import load_model as load_model_weights
+from safetensors.torch import save_model as save_model_weights
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from modeling.evaluation_labelformer import (
@@ -33,6 +36,8 @@ from modeling.tokenization_labelformer import save_tokenizer
 
 #: Checkpoints kept in ``<output_dir>/checkpoints`` (the newest ones).
 SAVE_TOTAL_LIMIT = 2
+#: The weight average's file in a checkpoint (`WeightAverage`).
+AVERAGED_WEIGHTS = "averaged_model.safetensors"
 logger = logging.getLogger("train_multilabel")
 
 
@@ -156,8 +161,12 @@ def writing(path: Path) -> Iterator[None]:
         ) from error
 
 
-def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    accelerator: Accelerator, args, state: dict[str, Any], averaged: torch.nn.Module | None = None
+) -> None:
     """Write ``checkpoints/checkpoint-<step>`` atomically and keep the newest ``SAVE_TOTAL_LIMIT``.
+
+    ``averaged`` (a `WeightAverage`, when the run averages weights) goes in as ``AVERAGED_WEIGHTS``.
 
     All processes write into one temporary folder (each its own RNG state); the main process adds
     the trainer state, the run's flags and a ``checksums.sha256`` manifest, then swaps it in with
@@ -178,6 +187,8 @@ def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any]) -> No
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 write_json(state, tmp / "trainer_state.json")
+                if averaged is not None:
+                    save_model_weights(averaged, str(tmp / AVERAGED_WEIGHTS))
                 write_json(vars(args), tmp / "training_args.json")
                 write_checksums(tmp)
                 replace_directory(tmp, target)
@@ -188,6 +199,33 @@ def save_checkpoint(accelerator: Accelerator, args, state: dict[str, Any]) -> No
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written copy filling the disk
         raise
     accelerator.wait_for_everyone()
+
+
+class WeightAverage(AveragedModel):
+    """The running mean of the model's weights at the ends of epochs (stochastic weight averaging,
+    Izmailov et al. 2018): ``update_parameters(model)`` adds the weights of the epoch just finished;
+    ``module`` is a copy of the model holding the mean, which validation scores like any other epoch's
+    model. Saved in each checkpoint as safetensors (`save_checkpoint`), so a resumed run continues the
+    same mean."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model, use_buffers=True)
+        self.module.eval()
+
+    @property
+    def epochs(self) -> int:
+        """How many epochs' weights the mean holds."""
+        return int(self.n_averaged)
+
+    def load(self, checkpoint: Path) -> None:
+        """Restore the mean a checkpoint holds (written by `save_checkpoint`)."""
+        path = checkpoint / AVERAGED_WEIGHTS
+        if not path.is_file():
+            raise TrainingError(
+                f"Cannot resume: {path} is missing, so the weight average of this run is lost. Resume without "
+                "--average_from_epoch only by starting a new run, or from a checkpoint written with it."
+            )
+        load_model_weights(self, str(path))
 
 
 def verify_checkpoint(checkpoint: Path, args: argparse.Namespace, num_processes: int) -> None:

@@ -70,8 +70,12 @@ class MultiLabelGenerationPipeline(Pipeline):
 
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         """`Pipeline.__call__`; a list with ``batch_size`` > 1 is batched as `predict_labels` batches it."""
+        from .prediction_labelformer import check_texts  # here: that module imports this one
+
         if isinstance(inputs, (list, tuple)) and not inputs:
             return []  # no texts, no predictions (Pipeline.__call__ would index the empty list)
+        if isinstance(inputs, (str, list, tuple)):
+            check_texts(inputs)  # every text, with its index in the input, before any batch runs
         batch_size = kwargs.get("batch_size") or self._batch_size or 1
         if not isinstance(inputs, list) or (inputs and (args or batch_size == 1 or kwargs.get("num_workers"))):
             return super().__call__(inputs, *args, **kwargs)
@@ -88,7 +92,7 @@ class MultiLabelGenerationPipeline(Pipeline):
         """Texts sorted by length, cut into batches of ``batch_size``, as `predict_labels` does: little padding,
         and the same batches, so the same numbers (Pipeline's own loader pads batches in input order)."""
         results: list[Any] = [None] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]) if isinstance(texts[i], str) else 0)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # checked strings (__call__)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             outputs = self.forward(self._encode([texts[i] for i in chunk], **preprocess), **forward)
@@ -97,15 +101,12 @@ class MultiLabelGenerationPipeline(Pipeline):
         return results
 
     def preprocess(self, text: str, max_length: int | None = None) -> dict[str, Any]:
-        return self._encode([text], max_length)
+        from .prediction_labelformer import check_texts  # here: that module imports this one
+
+        return self._encode(check_texts([text]), max_length)
 
     def _encode(self, texts: list[str], max_length: int | None = None) -> dict[str, Any]:
         """Checked texts -> a padded batch ``[b, s]`` (truncated to ``max_length``, default as `predict_labels`)."""
-        for text in texts:
-            if not isinstance(text, str):
-                raise ValueError(f"The pipeline takes strings, got {type(text).__name__}.")
-            if not text.strip():
-                raise ValueError("The pipeline got an empty text; pass a non-empty document.")
         # as predict_labels: at most the model's maximum, so a huge text costs no more than a long one
         limit = max_length or min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
         return self.tokenizer(texts, truncation=True, max_length=limit, padding=True, return_tensors="pt")

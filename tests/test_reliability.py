@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -397,6 +398,24 @@ def test_the_pipeline_answers_no_texts_with_no_predictions(text_model, batch_siz
     model, tokenizer = text_model
     classifier = MultiLabelGenerationPipeline(model=model, tokenizer=tokenizer)
     assert classifier([], batch_size=batch_size) == [] and model.predict_labels([], tokenizer) == []
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        (["wheat prices", "  "], "`texts[1]` is empty"),
+        (["wheat prices", "corn", b"oil"], "`texts[2]` is a bytes, not a string"),
+        (["wheat \ud800 prices"], "`texts[0]` is not valid Unicode"),
+    ],
+)
+def test_the_pipeline_refuses_bad_texts_as_predict_labels_does(text_model, texts, message, batch_size):
+    from modeling.pipeline_labelformer import MultiLabelGenerationPipeline
+
+    model, tokenizer = text_model
+    classifier = MultiLabelGenerationPipeline(model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        classifier(texts, batch_size=batch_size)
 
 
 def test_predict_labels_truncates_to_the_models_maximum_by_default(text_model, monkeypatch):

@@ -218,9 +218,10 @@ def final_checkpoint(out: Path) -> Path:
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, fixed_tokenizer_script):
-    # random label orders, scheduled sampling and dropout (0.1) all draw random numbers
+    # random label orders, scheduled sampling and dropout (0.1) all draw random numbers; the weight average
+    # (from epoch 1) must come back from the checkpoint, or epoch 2's mean and validation score would differ
     common = [*TINY, *data_args(data_files), "--save_every_steps", "3", "--label_order", "random",
-              "--scheduled_sampling", "0.3", "--num_beams", "1"]  # fmt: skip
+              "--scheduled_sampling", "0.3", "--num_beams", "1", "--average_from_epoch", "1"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run([*common, "--output_dir", str(straight)], script=fixed_tokenizer_script)
     # step 14 is mid-epoch 2; the newest checkpoint then is step 12, so steps 13-14 are run again
@@ -237,7 +238,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, fixed_toke
     history = {out: json.loads((out / "history.json").read_text()) for out in (straight, resumed)}
     assert len(losses(history[straight])) == 2 * STEPS_PER_EPOCH
     assert history[resumed] == history[straight]  # every loss and validation score, exactly
-    for name in ("model.safetensors",):
+    for name in ("model.safetensors", "averaged_model.safetensors"):
         a, b = load_file(final_checkpoint(straight) / name), load_file(final_checkpoint(resumed) / name)
         assert a.keys() == b.keys()
         for key in a:
@@ -247,6 +248,35 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, fixed_toke
     assert json.loads((resumed / "test_metrics.json").read_text()) == json.loads(
         (straight / "test_metrics.json").read_text()
     )
+
+
+def test_weight_average_is_the_mean_of_the_epochs_and_validation_keeps_it(tmp_path, data_files):
+    out = tmp_path / "run"
+    run([*TINY, *data_args(data_files), "--epochs", "3", "--average_from_epoch", "2", "--early_stopping_patience",
+         "3", "--num_beams", "1", "--no-lexical_scorer", "--output_dir", str(out)])  # fmt: skip
+    # per-epoch checkpoints (the newest two): the live weights after epochs 2 and 3, and the mean so far
+    two, three = (out / "checkpoints" / f"checkpoint-{k * STEPS_PER_EPOCH}" for k in (2, 3))
+    live = {k: load_file(folder / "model.safetensors") for k, folder in ((2, two), (3, three))}
+    mean = {k: load_file(folder / "averaged_model.safetensors") for k, folder in ((2, two), (3, three))}
+    # the average's keys are the model's, prefixed with `module.` (each file keeps one name of tied weights)
+    keys = live[2].keys() & {key.removeprefix("module.") for key in mean[2]}
+    assert len(keys) >= len(live[2]) - 1
+    for key in keys:
+        value = live[2][key]
+        torch.testing.assert_close(mean[2][f"module.{key}"], value, rtol=0, atol=0)
+        torch.testing.assert_close(mean[3][f"module.{key}"], (value + live[3][key]) / 2, rtol=1e-6, atol=1e-7)
+    assert mean[3]["n_averaged"].item() == 2
+    history = [h for h in json.loads((out / "history.json").read_text()) if "epoch" in h]
+    assert [h["averaged_from"] for h in history] == [None, 2, 2]
+    best = max(history, key=lambda h: h["validation_micro_f1"])  # the first of equals, as the script keeps
+    shipped = load_file(out / "model.safetensors")
+    if best["epoch"] == 1:  # the live weights of epoch 1 are no longer on disk; the mean is not what shipped
+        assert any(not torch.equal(shipped[k], mean[3][f"module.{k}"]) for k in keys)
+    else:
+        expected = mean[best["epoch"]]
+        assert all(torch.equal(shipped[k], expected[f"module.{k}"]) for k in keys)
+    card = (out / "README.md").read_text()
+    assert (f"mean of epochs 2 to {best['epoch']}" in card) == (best["epoch"] > 1)
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_files, fixed_tokenizer_script):
@@ -306,6 +336,9 @@ def test_presets_fill_in_what_the_flags_leave_open(script):
     assert (plain.vocab_size, plain.d_model, plain.max_train_samples) == (16000, 256, None)
     assert plain.head == "generation" and plain.lexical_scorer and plain.num_beams == 3
     assert not script.parse_args(["--output_dir", "x", "--no-lexical_scorer"]).lexical_scorer
+    assert plain.average_from_epoch == 0  # weight averaging is off unless a preset or the flag asks for it
+    reproduce = script.parse_args(["--preset", "reproduce", "--output_dir", "x"])
+    assert 1 <= reproduce.average_from_epoch <= reproduce.epochs
 
 
 @pytest.mark.parametrize(
@@ -322,6 +355,8 @@ def test_presets_fill_in_what_the_flags_leave_open(script):
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
         (["--scheduled_sampling", "nan"], "--scheduled_sampling must be in [0, 1)"),
         (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
+        (["--average_from_epoch", "13", "--epochs", "12"], "--average_from_epoch must be 0 (off) or an epoch up to"),
+        (["--average_from_epoch", "-1"], "--average_from_epoch must be 0 (off)"),
         (["--learning_rate=-1e-3"], "--learning_rate must be a finite number > 0"),
         (["--head", "ensemble"], "--head: invalid choice"),
         (["--preset", "huge"], "--preset: invalid choice"),
