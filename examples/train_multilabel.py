@@ -8,6 +8,8 @@
 #   - training with Accelerate: one code path for 1 CPU and N GPUs, bf16 autocast where the GPU or
 #     CPU has bf16 kernels, clipping, AdamW with warmup and linear decay;
 #   - validation each epoch, early stopping on validation micro-F1, atomic checkpoints, exact resume;
+#   - optional weight averaging (`--average_from_epoch`): from that epoch on, the mean of the weights
+#     since then is what validation scores and the run keeps;
 #   - after training, the optional hybrid part (`--lexical_scorer`, on by default): a tf-idf linear
 #     model fit with scikit-learn whose scale is chosen on validation and which the model's own
 #     forward() then adds to its label logits; the threshold head's threshold is folded into its bias;

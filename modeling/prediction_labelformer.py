@@ -133,6 +133,7 @@ class MultiLabelPredictionMixin:
         return_scores: bool = False,
         max_length: int | None = None,
         allow_empty: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> list[list[str]] | list[dict[str, float]]:
         """Predict the label set of each raw text (the model must be in eval mode, as `from_pretrained` leaves it).
 
@@ -145,6 +146,11 @@ class MultiLabelPredictionMixin:
             max_length: truncate texts to this many tokens (default: the tokenizer's limit, at most
                 ``config.max_position_embeddings``, so a huge text costs no more than a long one).
             allow_empty: accept empty texts (the model then sees only its special tokens).
+            dtype: ``torch.bfloat16`` computes the matrix products in bf16 under autocast (the weights stay
+                fp32, and so do the decoding step's softmax and the scores): faster on CPUs with bf16 kernels
+                (AVX-512 BF16, AMX) and on GPUs for batches and many labels, slower at batch 1
+                (benchmarks/RESULTS.md has its speed and test micro-F1). ``None`` (default): the weights' own
+                precision. The model is not changed.
 
         Returns:
             One entry per text, in input order: a list of label names, or with ``return_scores``
@@ -157,6 +163,8 @@ class MultiLabelPredictionMixin:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if dtype not in (None, torch.bfloat16):
+            raise ValueError(f"`dtype` must be None or torch.bfloat16, got {dtype!r}.")
         texts = check_texts(texts, allow_empty)
         check_finite_weights(self)
         tokenizer = self._resolve_tokenizer(tokenizer)
@@ -175,13 +183,16 @@ class MultiLabelPredictionMixin:
             max_length = min(tokenizer.model_max_length, self.config.max_position_embeddings)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         results: list[dict[str, float] | None] = [None] * len(texts)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = tokenizer(
-                [texts[i] for i in chunk], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-            ).to(self.device)
-            for i, scored in zip(chunk, self.predict_batch(batch["input_ids"], batch["attention_mask"], num_beams)):
-                results[i] = scored
+        # one autocast region for the whole call: the weights are cast to bf16 once, not per batch
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype is not None):
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = tokenizer(
+                    [texts[i] for i in chunk], truncation=True, max_length=max_length, padding=True,
+                    return_tensors="pt",
+                ).to(self.device)  # fmt: skip
+                for i, scored in zip(chunk, self.predict_batch(batch["input_ids"], batch["attention_mask"], num_beams)):
+                    results[i] = scored
         if return_scores:
             return results
         return [list(scored) for scored in results]

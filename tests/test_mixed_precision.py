@@ -63,3 +63,30 @@ def test_mixed_precision_choice():
     assert args.mixed_precision == "no"
     with pytest.raises(SystemExit):
         module.parse_args(["--output_dir", "x", "--mixed_precision", "fp16"])
+
+
+@pytest.mark.skipif(not BF16, reason="this CPU has no bf16 kernels")
+def test_predict_labels_in_bf16_computes_in_bf16_and_leaves_the_model_fp32():
+    from .textdata import make_texts, trained_text_model
+
+    model, tokenizer = trained_text_model(steps=80)
+    texts = [row["text"] for row in make_texts(24, 1)]
+    seen = []
+    layer = model.model.encoder.layers[0].feed_forward.fc1
+    hook = layer.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    try:
+        full = model.predict_labels(texts, tokenizer, return_scores=True, batch_size=8)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        half = model.predict_labels(texts, tokenizer, return_scores=True, batch_size=8, dtype=torch.bfloat16)
+        assert set(seen) == {torch.bfloat16} and len(seen) == 3  # every batch computed in bf16
+    finally:
+        hook.remove()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model is not changed
+    assert not torch.is_autocast_enabled("cpu")  # nor is the caller's autocast state
+    # a trained model's answers barely move: the same labels, probabilities within bf16's rounding
+    assert [list(row) for row in half] == [list(row) for row in full]
+    for a, b in zip(full, half):
+        assert all(abs(a[label] - b[label]) < 0.05 for label in a)
+    with pytest.raises(ValueError, match="`dtype` must be None or torch.bfloat16"):
+        model.predict_labels(texts[:1], tokenizer, dtype=torch.float16)

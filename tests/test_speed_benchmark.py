@@ -101,3 +101,15 @@ def test_ctranslate2_conversion_keeps_the_model(tmp_path):
     expected = logits.log_softmax(-1).gather(-1, decoder_ids[:, 1:, None]).squeeze(-1)
     for row, result in zip(expected, scored):
         assert torch.allclose(torch.tensor(result.log_probs[: len(row)]), row, atol=1e-3)
+
+
+def test_bf16_inference_benchmark_times_both_precisions(tmp_path):
+    out = tmp_path / "bf16.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bf16_inference.py"), "--size", "tiny", "--repeats", "1",
+               "--threads", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["speed"]
+    assert [(row["labels"], row["batch"]) for row in rows] == [(90, 1), (90, 4), (10_000, 1), (10_000, 4)]
+    assert all(row["fp32_ms"] > 0 and row["bf16_ms"] > 0 for row in rows)
+    assert "| 10,000 | 4 |" in proc.stdout
