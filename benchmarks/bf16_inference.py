@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,20 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import speed  # noqa: E402
+from profile_label_decoding import median_ms  # noqa: E402
 
 from modeling import LabelformerForMultiLabelGeneration, load_multilabel_dataset  # noqa: E402
 from modeling.evaluation_labelformer import evaluate_predictions  # noqa: E402
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def speed_table(size_name: str, repeats: int) -> list[dict]:
