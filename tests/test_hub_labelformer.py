@@ -194,7 +194,7 @@ def test_pipeline_in_process(trained_dir):
     classifier = pipeline("multi-label-generation", model=str(trained_dir), trust_remote_code=True)
     outputs = classifier(TEXTS)
     assert [[x["label"] for x in row] for row in outputs] == model.predict_labels(TEXTS)
-    with pytest.raises(ValueError, match="empty text"):
+    with pytest.raises(ValueError, match=r"`texts\[0\]` is empty"):
         classifier("   ")
 
 
