@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -221,6 +221,9 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         num_training_steps=total_steps * accelerator.num_processes,
     )  # fmt: skip
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if args.average_from_epoch and accelerator.distributed_type == DistributedType.FSDP:
+        raise TrainingError("--average_from_epoch needs whole weights on every process; FSDP shards them. Train "
+                            "with DDP (the default multi-GPU config) or without --average_from_epoch.")  # fmt: skip
     averaged = WeightAverage(accelerator.unwrap_model(model)) if args.average_from_epoch else None
     state: dict[str, Any] = {"epoch": 0, "batches_done": 0, "global_step": 0, "best_micro_f1": -1.0, "best_epoch": -1,
                              "best_averaged_from": None, "epochs_without_improvement": 0, "history": []}  # fmt: skip
@@ -294,6 +297,10 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         save_checkpoint(accelerator, args, state, averaged)
         if state["epochs_without_improvement"] >= args.early_stopping_patience:
             logger.info("early stopping: no improvement for %d epochs", args.early_stopping_patience)
+            if averaged is not None and state["epoch"] < args.average_from_epoch:
+                logger.warning("early stopping came before epoch %d: no weights were averaged (lower "
+                               "--average_from_epoch or raise --early_stopping_patience)",
+                               args.average_from_epoch)  # fmt: skip
             break
     bar.close()
     results = finish(accelerator, args, data, labels, state, best_dir)

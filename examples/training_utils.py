@@ -222,8 +222,8 @@ class WeightAverage(AveragedModel):
         path = checkpoint / AVERAGED_WEIGHTS
         if not path.is_file():
             raise TrainingError(
-                f"Cannot resume: {path} is missing, so the weight average of this run is lost. Resume without "
-                "--average_from_epoch only by starting a new run, or from a checkpoint written with it."
+                f"Cannot resume with --average_from_epoch: {path} is missing (the checkpoint was written without "
+                "weight averaging). Resume with --average_from_epoch 0, or start a new run."
             )
         load_model_weights(self, str(path))
 

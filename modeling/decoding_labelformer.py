@@ -408,6 +408,7 @@ def greedy_label_decoder(model: Any, encoder_states: torch.Tensor, use_cuda_grap
         and encoder_states.is_cuda
         and model.config._attn_implementation in ("eager", "sdpa")
         and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(encoder_states.device.type)  # a graph would freeze one precision
     )
     if not use_graphs:
         return GreedyLabelDecoder(model, batch, source_len, steps, encoder_states.device, encoder_states.dtype, False)

@@ -67,8 +67,10 @@ class LexicalLabelScorer(nn.Module):
         return self.features(input_ids) @ self.weight.float().T + self.bias.float()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``[b, s]`` ids -> ``[b, num_labels]`` float32: the label logits this part adds."""
-        return self.scale.float() * self.margins(input_ids)
+        """``[b, s]`` ids -> ``[b, num_labels]`` float32: the label logits this part adds (fp32 even under
+        autocast: a linear model's margins, not worth rounding)."""
+        with torch.autocast(input_ids.device.type, enabled=False):
+            return self.scale.float() * self.margins(input_ids)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import json
 import threading
 import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -146,11 +147,11 @@ class MultiLabelPredictionMixin:
             max_length: truncate texts to this many tokens (default: the tokenizer's limit, at most
                 ``config.max_position_embeddings``, so a huge text costs no more than a long one).
             allow_empty: accept empty texts (the model then sees only its special tokens).
-            dtype: ``torch.bfloat16`` computes the matrix products in bf16 under autocast (the weights stay
-                fp32, and so do the decoding step's softmax and the scores): faster on CPUs with bf16 kernels
-                (AVX-512 BF16, AMX) and on GPUs for batches and many labels, slower at batch 1
-                (benchmarks/RESULTS.md has its speed and test micro-F1). ``None`` (default): the weights' own
-                precision. The model is not changed.
+            dtype: ``torch.bfloat16`` computes the matrix products in bf16 under autocast (the weights and
+                the lexical part stay fp32, and so do greedy decoding's softmax and scores): on CPUs with bf16
+                kernels (AVX-512 BF16, AMX) faster for batches and many labels, slower at batch 1
+                (benchmarks/RESULTS.md has its speed and test micro-F1; not measured on GPUs). ``None``
+                (default): the weights' own precision, or the caller's autocast. The model is not changed.
 
         Returns:
             One entry per text, in input order: a list of label names, or with ``return_scores``
@@ -183,8 +184,10 @@ class MultiLabelPredictionMixin:
             max_length = min(tokenizer.model_max_length, self.config.max_position_embeddings)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         results: list[dict[str, float] | None] = [None] * len(texts)
-        # one autocast region for the whole call: the weights are cast to bf16 once, not per batch
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype is not None):
+        # one autocast region for the whole call: the weights are cast to bf16 once, not per batch (without
+        # `dtype`, no region at all, so a caller's own autocast still applies)
+        region = nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+        with region:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch = tokenizer(

@@ -90,3 +90,18 @@ def test_predict_labels_in_bf16_computes_in_bf16_and_leaves_the_model_fp32():
         assert all(abs(a[label] - b[label]) < 0.05 for label in a)
     with pytest.raises(ValueError, match="`dtype` must be None or torch.bfloat16"):
         model.predict_labels(texts[:1], tokenizer, dtype=torch.float16)
+
+
+def test_predict_labels_without_dtype_keeps_the_callers_autocast():
+    from .textdata import make_texts, trained_text_model
+
+    model, tokenizer = trained_text_model(steps=2)
+    seen = []
+    layer = model.model.encoder.layers[0].feed_forward.fc1
+    hook = layer.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.predict_labels([row["text"] for row in make_texts(4, 2)], tokenizer)
+    finally:
+        hook.remove()
+    assert set(seen) == {torch.bfloat16}  # the caller's region applies; predict_labels does not turn it off
