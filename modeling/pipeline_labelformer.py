@@ -75,7 +75,7 @@ class MultiLabelGenerationPipeline(Pipeline):
         if isinstance(inputs, (list, tuple)) and not inputs:
             return []  # no texts, no predictions (Pipeline.__call__ would index the empty list)
         if isinstance(inputs, (str, list, tuple)):
-            check_texts(inputs)  # every text, with its index in the input, before any batch runs
+            check_texts(inputs, empty_hint="")  # every text, with its index in the input, before any batch runs
         batch_size = kwargs.get("batch_size") or self._batch_size or 1
         if not isinstance(inputs, list) or (inputs and (args or batch_size == 1 or kwargs.get("num_workers"))):
             return super().__call__(inputs, *args, **kwargs)
@@ -103,7 +103,7 @@ class MultiLabelGenerationPipeline(Pipeline):
     def preprocess(self, text: str, max_length: int | None = None) -> dict[str, Any]:
         from .prediction_labelformer import check_texts  # here: that module imports this one
 
-        return self._encode(check_texts([text]), max_length)
+        return self._encode(check_texts([text], empty_hint=""), max_length)
 
     def _encode(self, texts: list[str], max_length: int | None = None) -> dict[str, Any]:
         """Checked texts -> a padded batch ``[b, s]`` (truncated to ``max_length``, default as `predict_labels`)."""

@@ -42,8 +42,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return fingerprint
 
 
-def check_texts(texts: str | Sequence[str], allow_empty: bool = False) -> list[str]:
-    """Validate raw texts; a single string counts as a list of one.
+def check_texts(
+    texts: str | Sequence[str], allow_empty: bool = False, empty_hint: str = " (or allow_empty=True)"
+) -> list[str]:
+    """Validate raw texts; a single string counts as a list of one. ``empty_hint`` ends the empty-text error
+    (callers without an ``allow_empty`` option pass ``""``).
 
     Raises:
         ValueError: a text is not a string, is empty/blank (unless ``allow_empty``) or holds a lone
@@ -59,7 +62,7 @@ def check_texts(texts: str | Sequence[str], allow_empty: bool = False) -> list[s
         if not isinstance(text, str):
             raise ValueError(f"`texts[{i}]` is a {type(text).__name__}, not a string (decode bytes first).")
         if not allow_empty and not text.strip():
-            raise ValueError(f"`texts[{i}]` is empty; pass a non-empty document (or allow_empty=True).")
+            raise ValueError(f"`texts[{i}]` is empty; pass a non-empty document{empty_hint}.")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
