@@ -226,7 +226,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
                             "with DDP (the default multi-GPU config) or without --average_from_epoch.")  # fmt: skip
     averaged = WeightAverage(accelerator.unwrap_model(model)) if args.average_from_epoch else None
     state: dict[str, Any] = {"epoch": 0, "batches_done": 0, "global_step": 0, "best_micro_f1": -1.0, "best_epoch": -1,
-                             "best_averaged_from": None, "epochs_without_improvement": 0, "history": []}  # fmt: skip
+                             "epochs_without_improvement": 0, "history": []}  # fmt: skip
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         if averaged is not None:
@@ -290,8 +290,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
                     f" (weights averaged since epoch {averaged_from})" if averaged_from else "",
                     metrics["micro_f1"], metrics["macro_f1"], metrics["subset_accuracy"])  # fmt: skip
         if improved:
-            state.update(best_micro_f1=metrics["micro_f1"], best_epoch=state["epoch"], best_averaged_from=averaged_from,
-                         epochs_without_improvement=0)  # fmt: skip
+            state.update(best_micro_f1=metrics["micro_f1"], best_epoch=state["epoch"], epochs_without_improvement=0)
         else:
             state["epochs_without_improvement"] += 1
         save_checkpoint(accelerator, args, state, averaged)
@@ -362,8 +361,9 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
         training_args = {k: getattr(args, k) for k in ("head", "epochs", "batch_size", "learning_rate", "dropout",
                                                           "label_order", "max_length", "seed")}  # fmt: skip
         training_args["best epoch (validation micro-F1)"] = f"{state['best_epoch']} ({state['best_micro_f1']:.4f})"
-        if state.get("best_averaged_from"):
-            training_args["weights"] = f"mean of epochs {state['best_averaged_from']} to {state['best_epoch']}"
+        best = next((h for h in state["history"] if h.get("epoch") == state["best_epoch"]), {})
+        if best.get("averaged_from"):
+            training_args["weights"] = f"mean of epochs {best['averaged_from']} to {state['best_epoch']}"
         train_labels = data["train"]["labels"]
         training_data = describe_training_data(
             train_file=args.train_file, dataset_name=args.dataset_name, dataset_license=args.dataset_license,

@@ -212,11 +212,6 @@ class WeightAverage(AveragedModel):
         super().__init__(model, use_buffers=True)
         self.module.eval()
 
-    @property
-    def epochs(self) -> int:
-        """How many epochs' weights the mean holds."""
-        return int(self.n_averaged)
-
     def load(self, checkpoint: Path) -> None:
         """Restore the mean a checkpoint holds (written by `save_checkpoint`)."""
         path = checkpoint / AVERAGED_WEIGHTS

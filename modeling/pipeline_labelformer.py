@@ -74,7 +74,7 @@ class MultiLabelGenerationPipeline(Pipeline):
 
         if isinstance(inputs, (list, tuple)) and not inputs:
             return []  # no texts, no predictions (Pipeline.__call__ would index the empty list)
-        if isinstance(inputs, (str, list, tuple)):
+        if isinstance(inputs, (list, tuple)):  # (a single text is checked in `preprocess`)
             check_texts(inputs, empty_hint="")  # every text, with its index in the input, before any batch runs
         batch_size = kwargs.get("batch_size") or self._batch_size or 1
         if not isinstance(inputs, list) or (inputs and (args or batch_size == 1 or kwargs.get("num_workers"))):
