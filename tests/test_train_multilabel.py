@@ -339,6 +339,10 @@ def test_presets_fill_in_what_the_flags_leave_open(script):
     assert plain.average_from_epoch == 0  # weight averaging is off unless a preset or the flag asks for it
     reproduce = script.parse_args(["--preset", "reproduce", "--output_dir", "x"])
     assert 1 <= reproduce.average_from_epoch <= reproduce.epochs
+    base = script.parse_args(["--preset", "base", "--output_dir", "x"])  # the reproduce recipe, wider and deeper
+    assert (base.d_model, base.encoder_layers, base.decoder_layers, base.attention_heads) == (512, 6, 2, 8)
+    assert (base.average_from_epoch, base.epochs, base.max_length) == (6, 16, 256)
+    assert base.d_model % base.attention_heads == 0
 
 
 @pytest.mark.parametrize(
