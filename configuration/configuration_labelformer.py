@@ -32,6 +32,10 @@ EOS_TOKEN_ID = 2
 NUM_SPECIAL_DECODER_TOKENS = 3  # pad, bos, eos: label k is decoder token k + 3
 
 
+#: Training-only fields of earlier releases, dropped when an old config is read: scheduled sampling
+#: changed nothing measurable (benchmarks/RESULTS.md) and was removed (2026-12-04).
+RETIRED_TRAINING_FIELDS = ("scheduled_sampling_prob",)
+
 #: Fields of earlier releases that no longer exist, and what replaces them. A config that still sets one
 #: is refused instead of silently ignored (an old `classifier_threshold` would otherwise decide at 0.5).
 REMOVED_FIELDS = {
@@ -110,8 +114,6 @@ class LabelformerConfig(PretrainedConfig):
             or ``"random"`` (re-shuffled every time a target is built).
         min_labels: Fewest labels the generation heads emit before they may stop (0 allows an empty set).
         max_labels: Most labels the generation heads emit; ``None`` means ``num_labels``.
-        scheduled_sampling_prob: Probability of feeding the model's own prediction instead of the
-            gold previous label during training (Bengio et al., 2015); 0 is plain teacher forcing.
         num_label_slots: Output slots of the parallel (non-autoregressive) label decoder;
             ``None`` means ``max_labels + 1`` (room for EOS).
         classifier_pooling: How the threshold head pools the encoder: ``"mean"`` or ``"first"``.
@@ -161,7 +163,6 @@ class LabelformerConfig(PretrainedConfig):
         label_order: str = "frequency",
         min_labels: int = 1,
         max_labels: int | None = None,
-        scheduled_sampling_prob: float = 0.0,
         num_label_slots: int | None = None,
         classifier_pooling: str = "mean",
         lexical_scorer: bool = False,
@@ -174,6 +175,8 @@ class LabelformerConfig(PretrainedConfig):
         is_encoder_decoder: bool = True,
         **kwargs: Any,
     ) -> None:
+        for name in RETIRED_TRAINING_FIELDS:  # never shaped a prediction: an old config still loads
+            kwargs.pop(name, None)
         removed = sorted(REMOVED_FIELDS.keys() & kwargs.keys())
         if removed:
             raise ValueError(
@@ -205,7 +208,6 @@ class LabelformerConfig(PretrainedConfig):
         self.label_order = label_order
         self.min_labels = min_labels
         self.max_labels = max_labels
-        self.scheduled_sampling_prob = scheduled_sampling_prob
         self.num_label_slots = num_label_slots
         self.classifier_pooling = classifier_pooling
         self.lexical_scorer = lexical_scorer
@@ -247,7 +249,6 @@ class LabelformerConfig(PretrainedConfig):
             "attention_dropout",
             "activation_dropout",
             "label_smoothing",
-            "scheduled_sampling_prob",
         ):
             _check_probability(name, getattr(self, name))
         for name in ("lexical_scorer", "scale_embedding", "share_embeddings"):

@@ -146,7 +146,6 @@ def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labe
         label_order=args.label_order,
         min_labels=0 if args.allow_empty_labels else 1,
         max_labels=args.max_labels or max_labels_seen,
-        scheduled_sampling_prob=args.scheduled_sampling,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),  # predict_labels refuses any other tokenizer
     )
     return HEADS[args.head](config)
@@ -415,7 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{name}", type=int)
     g.add_argument("--dropout", type=float)
     g.add_argument("--label_order", choices=["frequency", "alphabetical", "random"], default="frequency")
-    g.add_argument("--scheduled_sampling", type=float, default=0.0, help="Generation head: scheduled sampling.")
     g.add_argument(
         "--lexical_scorer",
         action=argparse.BooleanOptionalAction,
@@ -451,9 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "d_model", "encoder_layers", "decoder_layers", "attention_heads", "ffn_dim"):  # fmt: skip
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1 (got {getattr(args, name)}).")
-    for name in ("dropout", "scheduled_sampling"):  # checked here, before minutes of data loading
-        if not 0.0 <= getattr(args, name) < 1.0:
-            p.error(f"--{name} must be in [0, 1) (got {getattr(args, name)}).")
+    if not 0.0 <= args.dropout < 1.0:  # checked here, before minutes of data loading
+        p.error(f"--dropout must be in [0, 1) (got {args.dropout}).")
     for name in ("max_labels", "max_train_samples", "save_every_steps", "stop_after_steps"):
         value, least = getattr(args, name), 0 if name == "save_every_steps" else 1
         if value is not None and value < least:

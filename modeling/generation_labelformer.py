@@ -96,10 +96,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
     """Writes a document's labels one by one and stops with EOS.
 
     Training: ``labels`` ``[b, t]`` are label tokens in the config's ``label_order`` then EOS, -100
-    for padding (see `MultiLabelCollator`); teacher forcing with cross-entropy. With
-    ``config.scheduled_sampling_prob`` > 0 each gold decoder input is replaced, with that probability,
-    by the model's own constrained greedy prediction from a first teacher-forced pass (parallel
-    scheduled sampling, Duckworth et al. 2019), against exposure bias.
+    for padding (see `MultiLabelCollator`); teacher forcing with cross-entropy.
 
     Inference: ``generate()`` always applies the label-set rules and by default decodes up to
     ``max_labels`` + EOS; `decode_labels` turns its ids into names; `predict_labels` returns names
@@ -234,10 +231,6 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         bias = self.row_bias(encoder_outputs)  # [b, v] or None
         if labels is not None and decoder_input_ids is None and kwargs.get("decoder_inputs_embeds") is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
-            if self.training and self.config.scheduled_sampling_prob:
-                decoder_input_ids = self._scheduled_sampling_inputs(
-                    decoder_input_ids, labels, encoder_outputs, attention_mask
-                )
         outputs = super().forward(
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
@@ -251,20 +244,6 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         if labels is not None:
             outputs.loss = sequence_cross_entropy(outputs.logits, labels, self.config.label_smoothing)
         return outputs
-
-    def _scheduled_sampling_inputs(
-        self, gold: torch.Tensor, labels: torch.Tensor, encoder_outputs: Any, attention_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Gold decoder inputs ``[b, t]`` with some replaced by the model's own constrained greedy choices."""
-        with torch.no_grad():
-            logits = self.constrained_logits(gold, encoder_outputs, attention_mask)
-            predicted = logits.argmax(-1)  # [b, t]: the choice after each prefix
-        replace = torch.rand(gold.shape, device=gold.device) < self.config.scheduled_sampling_prob
-        replace[:, 0] = False  # the start token stays
-        replace &= labels != -100  # and so does padding
-        mixed = gold.clone()
-        mixed[:, 1:] = torch.where(replace[:, 1:], predicted[:, :-1], gold[:, 1:])
-        return mixed
 
     def constrained_logits(
         self, decoder_input_ids: torch.Tensor, encoder_outputs: Any, attention_mask: torch.Tensor | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 
@@ -19,7 +20,6 @@ from .conftest import tiny_config
         ({"activation_function": "swish"}, "activation_function"),
         ({"dropout": 1.0}, "dropout"),
         ({"attention_dropout": -0.1}, "attention_dropout"),
-        ({"scheduled_sampling_prob": 1.0}, "scheduled_sampling_prob"),
         ({"position_embedding_type": "rotary"}, "position_embedding_type"),
         ({"norm_position": "sandwich"}, "norm_position"),
         ({"encoder_layers": 0}, "encoder_layers"),
@@ -58,15 +58,15 @@ def test_hf_names_and_defaults():
     assert not config.is_label_model
 
 
-def test_the_config_has_its_37_fields_and_every_one_round_trips(tmp_path):
+def test_the_config_has_its_36_fields_and_every_one_round_trips(tmp_path):
     fields = [
         name for name in inspect.signature(LabelformerConfig.__init__).parameters if name not in ("self", "kwargs")
     ]
-    assert len(fields) == 37
+    assert len(fields) == 36
     changed = dict(
         norm_position="pre", activation_function="gelu", decoder_vocab_size=13, d_model=64, encoder_ffn_dim=96,
         label_order="random", min_labels=0, max_labels=4, num_label_slots=6, classifier_pooling="first",
-        lexical_scorer=True, scheduled_sampling_prob=0.25, position_embedding_type="learned",
+        lexical_scorer=True, position_embedding_type="learned",
     )  # fmt: skip
     config = tiny_config(**changed)
     config.save_pretrained(tmp_path)
@@ -101,3 +101,14 @@ def test_removed_fields_are_refused_with_their_replacement(field):
     with pytest.raises(ValueError, match=field) as error:
         tiny_config(**{field: 0.4})
     assert REMOVED_FIELDS[field] in str(error.value)
+
+
+def test_a_config_of_an_earlier_release_with_scheduled_sampling_still_loads(tmp_path):
+    """A training-only field that was retired is dropped on reading, so saved models keep loading."""
+    tiny_config().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "scheduled_sampling_prob": 0.2}))
+    loaded = LabelformerConfig.from_pretrained(tmp_path)
+    assert not hasattr(loaded, "scheduled_sampling_prob")
+    assert "scheduled_sampling_prob" not in loaded.to_dict()

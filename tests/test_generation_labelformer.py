@@ -1,4 +1,4 @@
-"""The label-generation head: constrained generate(), scores, scheduled sampling, predict_labels, learning."""
+"""The label-generation head: constrained generate(), scores, predict_labels, learning."""
 
 from __future__ import annotations
 
@@ -112,37 +112,6 @@ def test_decode_labels_reads_names_up_to_the_first_eos():
     sequences = torch.tensor([[1, 5, 3, 2, 0], [1, 2, 0, 0, 0], [1, 10, 4, 9, 8]])
     assert model.decode_labels(sequences) == [[LABELS[2], LABELS[0]], [], [LABELS[7], LABELS[1], LABELS[6], LABELS[5]]]
     assert model.decode_labels(sequences[:, 1:]) == model.decode_labels(sequences)  # start token optional
-
-
-def test_scheduled_sampling_feeds_the_models_own_constrained_choices():
-    config = synthetic_config(scheduled_sampling_prob=0.5, init_std=0.3)
-    model = LabelformerForMultiLabelGeneration(config).train()
-    ids, _ = synthetic_batch(4, 10, torch.Generator().manual_seed(0))
-    labels = torch.tensor([[3, 5, 7, 2], [4, 2, -100, -100], [6, 3, 2, -100], [9, 10, 8, 2]])
-    gold = model.prepare_decoder_input_ids_from_labels(labels)
-    encoded = model.encode(ids)
-    with torch.no_grad():
-        predicted = model.constrained_logits(gold, encoded, None).argmax(-1)
-    torch.manual_seed(5)
-    mixed = model._scheduled_sampling_inputs(gold, labels, encoded, None)
-    assert (mixed[:, 0] == config.decoder_start_token_id).all()
-    # inputs at positions without a loss stay gold (EOS, then padding)
-    assert mixed[1, 2:].tolist() == [2, 0] and mixed[2, 3].item() == 2
-    replaced = mixed[:, 1:] != gold[:, 1:]
-    assert replaced.any() and not replaced.all()
-    torch.testing.assert_close(mixed[:, 1:][replaced], predicted[:, :-1][replaced], rtol=0, atol=0)
-    # forward() in training mixes exactly these inputs (same random draws) ...
-    torch.manual_seed(5)
-    sampled = model(input_ids=ids, labels=labels).loss
-    by_hand = model(input_ids=ids, decoder_input_ids=mixed, labels=labels).loss
-    torch.testing.assert_close(sampled, by_hand)
-    sampled.backward()
-    # ... and in eval mode it feeds the gold inputs
-    model.eval()
-    with torch.no_grad():
-        plain = model(input_ids=ids, labels=labels).loss
-        torch.testing.assert_close(plain, model(input_ids=ids, decoder_input_ids=gold, labels=labels).loss)
-    assert plain.item() != pytest.approx(sampled.item())
 
 
 @pytest.fixture(scope="module")

@@ -218,10 +218,10 @@ def final_checkpoint(out: Path) -> Path:
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_files, fixed_tokenizer_script):
-    # random label orders, scheduled sampling and dropout (0.1) all draw random numbers; the weight average
+    # random label orders and dropout (0.1) draw random numbers; the weight average
     # (from epoch 1) must come back from the checkpoint, or epoch 2's mean and validation score would differ
     common = [*TINY, *data_args(data_files), "--save_every_steps", "3", "--label_order", "random",
-              "--scheduled_sampling", "0.3", "--num_beams", "1", "--average_from_epoch", "1"]  # fmt: skip
+              "--num_beams", "1", "--average_from_epoch", "1"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run([*common, "--output_dir", str(straight)], script=fixed_tokenizer_script)
     # step 14 is mid-epoch 2; the newest checkpoint then is step 12, so steps 13-14 are run again
@@ -357,7 +357,6 @@ def test_presets_fill_in_what_the_flags_leave_open(script):
         (["--d_model", "0"], "--d_model must be >= 1"),
         (["--encoder_layers", "0"], "--encoder_layers must be >= 1"),
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
-        (["--scheduled_sampling", "nan"], "--scheduled_sampling must be in [0, 1)"),
         (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
         (["--average_from_epoch", "13", "--epochs", "12"], "--average_from_epoch must be 0 (off) or an epoch up to"),
         (["--average_from_epoch", "-1"], "--average_from_epoch must be 0 (off)"),
