@@ -143,6 +143,11 @@ class StrictLoadingMixin:
         ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works from any head's folder.
         The weight files get a ``checksums.sha256`` manifest that `from_pretrained` verifies.
         """
+        if getattr(self, "is_int8_copy", False):
+            raise ValueError(
+                "This is an int8 copy made by quantize_int8() for CPU inference; its weights are not a "
+                "checkpoint. Save the model it was made from."
+            )
         # Start from a clean map: a config shared with (or loaded from) another head must not keep
         # that head's entry. The config and this class add their own entries while saving.
         self.config.auto_map = {"AutoModel": "modeling_labelformer.LabelformerModel"}

@@ -13,7 +13,9 @@ This file is copied into saved model folders and must only import our own code r
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -582,6 +584,34 @@ class LabelformerPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
         elif isinstance(module, SinusoidalPositionalEncoding):
             # Non-persistent: never in a checkpoint, so rebuild it here after loading.
             init.copy_(module.table, module.build_table(module.table.shape[0], module.table.device))
+
+    def quantize_int8(self) -> LabelformerPreTrainedModel:
+        """A copy for CPU inference whose encoder and decoder linear layers compute in int8.
+
+        PyTorch's dynamic quantization: each ``nn.Linear`` of the encoder-decoder (``base_model``)
+        gets int8 weights (one scale per matrix, computed once here) and quantizes its activations
+        per call (VNNI / AVX-512 kernels where the CPU has them). Embeddings, the output projection
+        and the head's own layers (label attention, classifiers, the lexical part) stay fp32. This
+        model is left unchanged; the copy runs on the CPU only and cannot be saved (save the model
+        it was made from). What it gains and costs in quality is in the README's Speed section.
+        """
+        if self.device.type != "cpu":
+            raise ValueError(f"quantize_int8 makes a CPU model; this one is on {self.device}. Call it on model.cpu().")
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError as error:  # deprecated in torch 2.10, still present in 2.13
+            raise RuntimeError(
+                f"quantize_int8 needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
+                "does not have; use bf16 instead: predict_labels(..., dtype=torch.bfloat16)."
+            ) from error
+        if torch.backends.quantized.engine == "none":
+            raise RuntimeError("This PyTorch build has no quantized CPU engine (torch.backends.quantized.engine).")
+        clone = copy.deepcopy(self).eval()
+        with warnings.catch_warnings():  # torch.ao's deprecation notice: the API is what this method wraps
+            warnings.simplefilter("ignore", (DeprecationWarning, UserWarning, FutureWarning))
+            quantize_dynamic(clone.base_model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        clone.is_int8_copy = True
+        return clone
 
 
 class LabelformerModel(LabelformerPreTrainedModel):

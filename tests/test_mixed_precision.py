@@ -1,5 +1,6 @@
-"""bf16 autocast training on the CPU (`--mixed_precision`): the same loss and gradients as fp32 within
-bf16's precision, fp32 master weights, and the script's choice of precision."""
+"""Reduced precision on the CPU: bf16 autocast training (`--mixed_precision`: the same loss and gradients
+as fp32 within bf16's precision, fp32 master weights, the script's choice), bf16 inference
+(`predict_labels(..., dtype=...)`) and the int8 copy (`quantize_int8`)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,44 @@ def test_predict_labels_without_dtype_keeps_the_callers_autocast():
     finally:
         hook.remove()
     assert set(seen) == {torch.bfloat16}  # the caller's region applies; predict_labels does not turn it off
+
+
+def test_quantize_int8_copy_answers_like_the_model_and_leaves_it_unchanged(tmp_path):
+    from .textdata import make_texts, trained_text_model
+
+    model, tokenizer = trained_text_model(steps=80)
+    texts = [row["text"] for row in make_texts(24, 1)]
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    int8 = model.quantize_int8()
+    assert isinstance(int8.model.encoder.layers[0].feed_forward.fc1, torch.ao.nn.quantized.dynamic.Linear)
+    assert isinstance(int8.model.decoder.layers[0].self_attn.q_proj, torch.ao.nn.quantized.dynamic.Linear)
+    assert type(model.model.encoder.layers[0].feed_forward.fc1) is torch.nn.Linear  # the model is not changed
+    assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in before.items())
+    full = model.predict_labels(texts, tokenizer, return_scores=True, batch_size=8)
+    quantized = int8.predict_labels(texts, tokenizer, return_scores=True, batch_size=8)
+    # a trained model's answers barely move: the same labels, probabilities within int8's rounding
+    assert [list(row) for row in quantized] == [list(row) for row in full]
+    for a, b in zip(full, quantized):
+        assert all(abs(a[label] - b[label]) < 0.05 for label in a)
+    # the copy's generate() takes the decisions its predict_labels reports
+    batch = tokenizer(texts[:6], return_tensors="pt", padding=True)
+    assert int8.decode_labels(int8.generate(**batch)) == [list(row) for row in quantized[:6]]
+    with pytest.raises(ValueError, match="int8 copy made by quantize_int8"):
+        int8.save_pretrained(tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
+
+
+@pytest.mark.parametrize("head", ["LabelformerForMultiLabelClassification", "LabelformerForParallelLabelGeneration"])
+def test_quantize_int8_covers_the_other_heads(head):
+    import modeling
+
+    torch.manual_seed(0)
+    config = LabelformerConfig.from_labels([f"label{i}" for i in range(12)], **{**TINY, "vocab_size": 64})
+    model = getattr(modeling, head)(config).eval()
+    int8 = model.quantize_int8()
+    quantized = [m for m in int8.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(quantized) >= config.encoder_layers * 6  # q, k, v, out, fc1, fc2 of every encoder layer
+    ids = torch.randint(4, 64, (3, 10))
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits.flatten(), int8(input_ids=ids).logits.flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99

@@ -103,13 +103,13 @@ def test_ctranslate2_conversion_keeps_the_model(tmp_path):
         assert torch.allclose(torch.tensor(result.log_probs[: len(row)]), row, atol=1e-3)
 
 
-def test_bf16_inference_benchmark_times_both_precisions(tmp_path):
-    out = tmp_path / "bf16.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "bf16_inference.py"), "--size", "tiny", "--repeats", "1",
+def test_cpu_inference_benchmark_times_every_precision(tmp_path):
+    out = tmp_path / "cpu_inference.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "cpu_inference.py"), "--size", "tiny", "--repeats", "1",
                "--threads", "1", "--json", str(out)]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["speed"]
     assert [(row["labels"], row["batch"]) for row in rows] == [(90, 1), (90, 4), (10_000, 1), (10_000, 4)]
-    assert all(row["fp32_ms"] > 0 and row["bf16_ms"] > 0 for row in rows)
+    assert all(row[f"{name}_ms"] > 0 for row in rows for name in ("fp32", "bf16", "int8"))
     assert "| 10,000 | 4 |" in proc.stdout
