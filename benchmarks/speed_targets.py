@@ -2,11 +2,11 @@
 """The speed issue's targets table: label decoding against CTranslate2, ``generate()`` against BART.
 
 Every system runs in its own process, since two runtimes' thread pools in one process distort both
-(by up to 2x on 2 cores): ``labelformer`` (the label head's ``generate()`` and ``greedy_labels``, the
-seq2seq model's greedy and beam-4 ``generate()``), ``bart`` (the same-size BART's ``generate()``) and
-CTranslate2 running that BART converted (`speed_ctranslate2`), in float32 and int8. The processes run
-in turn for ``rounds`` rounds (every other round in reverse order), each timing its calls in turn
-(median of ``repeats``); a system's time is the median of its rounds. `speed.py` calls `run_targets`;
+(by up to 2x on 2 cores): ``labelformer`` (the label head's ``generate()``, also of its int8 copy, and
+``greedy_labels``, the seq2seq model's greedy and beam-4 ``generate()``), ``bart`` (the same-size BART's
+``generate()``) and CTranslate2 running that BART converted (`speed_ctranslate2`), in float32 and int8.
+The processes run in turn for ``rounds`` rounds (every other round in reverse order), each timing its
+calls in turn (median of ``repeats``); a system's time is the median of its rounds. `speed.py` calls `run_targets`;
 this file run as a script is one system's process (it prints one JSON line).
 """
 
@@ -36,6 +36,8 @@ CT2_SYSTEMS = ("ctranslate2-float32", "ctranslate2-int8")
 TARGETS = (
     ("label decoding, head's generate() vs CTranslate2 (faster mode)", ("labelformer", "label generate()"),
      [(s, "translate") for s in CT2_SYSTEMS], 1.0, 1.0),
+    ("label decoding, the head's int8 copy's generate() vs CTranslate2 (faster mode)",
+     ("labelformer", "label generate() int8"), [(s, "translate") for s in CT2_SYSTEMS], 1.0, 1.0),
     ("label decoding, greedy_labels vs CTranslate2 (faster mode)", ("labelformer", "greedy_labels"),
      [(s, "translate") for s in CT2_SYSTEMS], None, None),
     ("greedy generate() vs BART", ("labelformer", "generate greedy"), [("bart", "generate greedy")], 2.0, 1.5),
@@ -47,6 +49,7 @@ TIME_ROWS = (
     ("CTranslate2, int8", "ctranslate2-int8", "translate"),
     (f"our greedy_labels ({speed.NUM_LABELS}-label vocabulary, 15 labels + EOS)", "labelformer", "greedy_labels"),
     ("our label head's generate() (the HF-standard call)", "labelformer", "label generate()"),
+    ("the same, the head's int8 copy (`quantize_int8()`)", "labelformer", "label generate() int8"),
     ("our generate() greedy, 16 tokens", "labelformer", "generate greedy"),
     ("HF BART generate() greedy, same size", "bart", "generate greedy"),
     ("our generate() beam 4, 16 tokens", "labelformer", "generate beam 4"),
@@ -67,6 +70,8 @@ def torch_worker(system: str, size_name: str, threads: int, repeats: int) -> dic
     names = ("labelformer", "labelformer-multilabel") if system == "labelformer" else ("bart",)
     models = speed.build_models(size, device, torch.float32, "sdpa", names)
     models = {name: model.eval() for name, model in models.items()}
+    if system == "labelformer":
+        models["labelformer-multilabel int8"] = models["labelformer-multilabel"].quantize_int8()
     calls = {}
     for batch in (1, size["gen_batch"]):
         ids = torch.randint(4, size["vocab"], (batch, src))
@@ -80,6 +85,9 @@ def torch_worker(system: str, size_name: str, threads: int, repeats: int) -> dic
             head = models["labelformer-multilabel"]
             calls[f"label generate() b{batch}"] = lambda m=head, i=ids, a=mask: m.generate(
                 input_ids=i, attention_mask=a
+            )
+            calls[f"label generate() int8 b{batch}"] = lambda m=models["labelformer-multilabel int8"], i=ids, a=mask: (
+                m.generate(input_ids=i, attention_mask=a)
             )
             calls[f"greedy_labels b{batch}"] = lambda m=head, i=ids, a=mask: m.greedy_labels(i, a)
     with torch.inference_mode():

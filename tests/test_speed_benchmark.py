@@ -51,11 +51,18 @@ def test_speed_benchmark_targets_and_scaling_tables(tmp_path):
     ctranslate2 = importlib.util.find_spec("ctranslate2") is not None
     assert (targets["ctranslate2_version"] is not None) == ctranslate2
     times = targets["times_s"]
-    for measurement in ("label generate()", "greedy_labels", "generate greedy", "generate beam 4"):
+    for measurement in (
+        "label generate()",
+        "label generate() int8",
+        "greedy_labels",
+        "generate greedy",
+        "generate beam 4",
+    ):
         assert times["labelformer"][f"{measurement} b1"] > 0 and times["labelformer"][f"{measurement} b4"] > 0
     assert times["bart"]["generate beam 4 b4"] > 0
     assert [row["measurement"].split(",")[0] for row in targets["targets"]] == [
-        "label decoding", "label decoding", "greedy generate() vs BART", "beam 4 generate() vs BART"]  # fmt: skip
+        "label decoding", "label decoding", "label decoding", "greedy generate() vs BART",
+        "beam 4 generate() vs BART"]  # fmt: skip
     for row in targets["targets"]:
         if "CTranslate2" in row["measurement"] and not ctranslate2:
             assert row["b1"] is None and row["b4"] is None
