@@ -21,8 +21,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = {"reuters": [], "debtags": ["--train_file", str(ROOT / "data/debtags/train.jsonl.gz"),
-                                   "--test_file", str(ROOT / "data/debtags/test.jsonl.gz")]}  # fmt: skip
+sys.path.insert(0, str(ROOT / "examples"))
+
+from reproduce_reuters import DATA as DATA_FILES  # noqa: E402  (name -> (train, test) files, or None)
+
+#: The training script's data flags per data set (none: the embedded Reuters split).
+DATA = {
+    name: [] if files is None else ["--train_file", files[0], "--test_file", files[1]]
+    for name, files in DATA_FILES.items()
+}
 KEYS = ("micro_f1", "macro_f1", "example_f1", "subset_accuracy", "hamming_loss")
 
 
