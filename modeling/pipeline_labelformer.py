@@ -103,7 +103,7 @@ class MultiLabelGenerationPipeline(Pipeline):
     def preprocess(self, text: str, max_length: int | None = None) -> dict[str, Any]:
         from .prediction_labelformer import check_texts  # here: that module imports this one
 
-        return self._encode(check_texts([text], empty_hint=""), max_length)
+        return self._encode(check_texts(text, empty_hint=""), max_length)  # one text (of a list, a generator, ...)
 
     def _encode(self, texts: list[str], max_length: int | None = None) -> dict[str, Any]:
         """Checked texts -> a padded batch ``[b, s]`` (truncated to ``max_length``, default as `predict_labels`)."""

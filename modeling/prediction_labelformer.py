@@ -50,24 +50,26 @@ def check_texts(
 
     Raises:
         ValueError: a text is not a string, is empty/blank (unless ``allow_empty``) or holds a lone
-            surrogate (not encodable Unicode); names its index.
+            surrogate (not encodable Unicode); names its index in a list ("the text" for a single string).
     """
-    if isinstance(texts, str):
+    single = isinstance(texts, str)
+    if single:
         texts = [texts]
     if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
         raise ValueError(
             f"`texts` must be a string or a list of strings, got {type(texts).__name__} (decode bytes first)."
         )
     for i, text in enumerate(texts):
+        name = "The text" if single else f"`texts[{i}]`"
         if not isinstance(text, str):
-            raise ValueError(f"`texts[{i}]` is a {type(text).__name__}, not a string (decode bytes first).")
+            raise ValueError(f"{name} is a {type(text).__name__}, not a string (decode bytes first).")
         if not allow_empty and not text.strip():
-            raise ValueError(f"`texts[{i}]` is empty; pass a non-empty document{empty_hint}.")
+            raise ValueError(f"{name} is empty; pass a non-empty document{empty_hint}.")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
             raise ValueError(
-                f"`texts[{i}]` is not valid Unicode: a lone surrogate at character {error.start}. Decode the "
+                f"{name} is not valid Unicode: a lone surrogate at character {error.start}. Decode the "
                 "source with errors='replace' (or fix it) first."
             ) from None
     return list(texts)

@@ -194,8 +194,10 @@ def test_pipeline_in_process(trained_dir):
     classifier = pipeline("multi-label-generation", model=str(trained_dir), trust_remote_code=True)
     outputs = classifier(TEXTS)
     assert [[x["label"] for x in row] for row in outputs] == model.predict_labels(TEXTS)
-    with pytest.raises(ValueError, match=r"`texts\[0\]` is empty"):
+    with pytest.raises(ValueError, match=r"^The text is empty"):
         classifier("   ")
+    with pytest.raises(ValueError, match=r"^The text is empty"):  # a generator's items have no index to name
+        list(classifier(text for text in [TEXTS[0], "  "]))
 
 
 def test_loading_refuses_pickle_mismatched_labels_and_missing_weights(trained_dir, tmp_path):
