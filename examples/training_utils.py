@@ -217,8 +217,9 @@ class WeightAverage(AveragedModel):
         path = checkpoint / AVERAGED_WEIGHTS
         if not path.is_file():
             raise TrainingError(
-                f"Cannot resume with --average_from_epoch: {path} is missing (the checkpoint was written without "
-                "weight averaging). Resume with --average_from_epoch 0, or start a new run."
+                f"Cannot resume with --average_from_epoch: {path} is missing (the checkpoint lost it, or was written "
+                "without weight averaging), so the running mean of the weights cannot continue. Resume from another "
+                "checkpoint of this run (--resume_from_checkpoint <folder>), or start a new run."
             )
         load_model_weights(self, str(path))
 

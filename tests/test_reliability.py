@@ -529,3 +529,25 @@ def test_the_wordpiece_learner_does_not_depend_on_word_order():
     assert vocab == learn_wordpiece_vocab(dict(reversed(counts.items())), 40, 2, ["[PAD]"])
     assert vocab[0] == "[PAD]" and "newest" in vocab and "##est" in vocab
     assert vocab.index("##est") < vocab.index("newest")  # a piece is learned before the pieces built on it
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_resume_with_weight_averaging_refuses_a_checkpoint_without_the_mean(script, tmp_path, data_files, capsys,
+                                                                             manifest):  # fmt: skip
+    """The running mean is part of the state: a checkpoint that lost it cannot continue the run exactly."""
+    out = tmp_path / "out"
+    argv = [*FAST, *data_args(data_files), "--output_dir", str(out), "--save_every_steps", "5",
+            "--average_from_epoch", "1"]  # fmt: skip
+    assert script.main([*argv, "--stop_after_steps", "5"]) == 0, capsys.readouterr().err[-3000:]
+    checkpoint = out / "checkpoints" / "checkpoint-5"
+    (checkpoint / "averaged_model.safetensors").unlink()
+    if not manifest:
+        (checkpoint / "checksums.sha256").unlink()
+    capsys.readouterr()
+    assert script.main([*argv, "--resume_from_checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "averaged_model.safetensors" in err and "missing" in err, err[-2000:]
+    assert "Resume from another checkpoint" in err or "older checkpoint" in err  # the way out
+    if not manifest:  # nor can the flag be dropped on resume instead: a run's flags are fixed
+        assert script.main([*argv[:-2], "--average_from_epoch", "0", "--resume_from_checkpoint", "latest"]) == 2
+        assert "--average_from_epoch 1 -> 0" in capsys.readouterr().err
