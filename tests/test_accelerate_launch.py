@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from .isolation import run_in_own_session
 
@@ -68,7 +69,7 @@ def test_accelerate_launch_trains_on_2_cpu_processes_like_1_process(tmp_path, da
     script.write_text(WITH_FIXED_TOKENIZER.format(script=str(SCRIPT), tokenizer=str(tmp_path / "tokenizer")))
     common = [str(script), "--preset", "tiny", "--no_progress", "--train_file", data_files["train"], "--test_file",
               data_files["test"], "--text_column", "body", "--label_column", "topics", "--epochs", "1",
-              "--dropout", "0", "--no-lexical_scorer", "--num_beams", "1"]  # fmt: skip
+              "--dropout", "0", "--no-lexical_scorer", "--num_beams", "1", "--average_from_epoch", "1"]  # fmt: skip
     single, double = tmp_path / "single", tmp_path / "double"
     run([sys.executable, *common, "--batch_size", "16", "--output_dir", str(single)])
     installed = Path(sys.executable).with_name("accelerate")  # the venv's `accelerate` command
@@ -85,3 +86,13 @@ def test_accelerate_launch_trains_on_2_cpu_processes_like_1_process(tmp_path, da
     # the same steps: 2 processes x 8 documents = 1 process x 16, at dropout 0
     assert len(losses(double)) == len(losses(single)) > 1
     assert losses(double) == pytest.approx(losses(single), rel=1e-4, abs=1e-5)
+    # weight averaging under 2 processes: the history says the mean was validated, and the shipped model is
+    # the mean the last checkpoint holds (the main process's copy, as with 1 process)
+    for out in (single, double):
+        assert [h["averaged_from"] for h in json.loads((out / "history.json").read_text()) if "loss" not in h] == [1]
+        checkpoint = max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        mean = {k.removeprefix("module."): v for k, v in load_file(checkpoint / "averaged_model.safetensors").items()}
+        shipped = load_file(out / "model.safetensors")
+        common = shipped.keys() & mean.keys()  # a tied matrix is stored once, under either of its names
+        assert len(common) >= len(shipped) - 1 and len(common) > 10
+        assert all(shipped[name].equal(mean[name]) for name in common)
