@@ -147,3 +147,37 @@ def test_quantize_int8_covers_the_other_heads(head):
     with torch.no_grad():
         a, b = model(input_ids=ids).logits.flatten(), int8(input_ids=ids).logits.flatten()
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+
+
+@pytest.mark.skipif(not BF16, reason="this CPU has no bf16 kernels")
+@pytest.mark.parametrize(
+    ("head", "num_beams"),
+    [("LabelformerForMultiLabelGeneration", 3), ("LabelformerForMultiLabelClassification", 1),
+     ("LabelformerForParallelLabelGeneration", 1)],
+)  # fmt: skip
+def test_bf16_and_int8_inference_cover_beam_search_and_the_other_heads(head, num_beams):
+    """Every head's predict_labels runs in bf16 (beam search too) and from an int8 copy: label sets from the
+    label vocabulary with probabilities, the model left fp32; the bf16 pass computes in bf16."""
+    import modeling
+
+    from .textdata import KEYWORDS, make_texts, trained_text_model
+
+    _, tokenizer = trained_text_model(steps=2)  # its tokenizer
+    torch.manual_seed(0)
+    config = LabelformerConfig.from_labels(sorted(KEYWORDS), **{**TINY, "vocab_size": len(tokenizer)})
+    model = getattr(modeling, head)(config).eval()
+    texts = [row["text"] for row in make_texts(6, 3)]
+    seen = []
+    encoder = getattr(model.base_model, "encoder", model.base_model)  # the heads keep their encoder differently
+    hook = encoder.layers[0].feed_forward.fc1.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    try:
+        half = model.predict_labels(texts, tokenizer, num_beams=num_beams, return_scores=True, dtype=torch.bfloat16)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    quantized = model.quantize_int8().predict_labels(texts, tokenizer, num_beams=num_beams, return_scores=True)
+    for rows in (half, quantized):
+        assert len(rows) == len(texts)
+        for row in rows:
+            assert set(row) <= set(config.label2id) and all(0.0 <= p <= 1.0 for p in row.values())
