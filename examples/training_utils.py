@@ -248,6 +248,12 @@ def verify_checkpoint(checkpoint: Path, args: argparse.Namespace, num_processes:
         changed = sorted(
             k for k, v in vars(args).items() if k in saved and saved[k] != v and k not in RESUMABLE_CHANGES
         )
+        if saved.get("scheduled_sampling"):  # a flag this version removed: the run cannot go on as it started
+            raise TrainingError(
+                f"Cannot resume from {checkpoint}: it was trained with --scheduled_sampling "
+                f"{saved['scheduled_sampling']}, which this version removed (it changed nothing measurable). Finish "
+                "the run with the version that started it, or start a new run."
+            )
         if changed:
             flags = ", ".join(f"--{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in changed)
             raise TrainingError(

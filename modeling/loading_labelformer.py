@@ -136,6 +136,11 @@ class StrictLoadingMixin:
             model.config.verify_label_fingerprint()
         return (model, info) if want_info else model
 
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.push_to_hub`; an int8 copy is refused before anything is created on the Hub."""
+        _refuse_int8_copy(self)
+        return super().push_to_hub(*args, **kwargs)
+
     def save_pretrained(self, save_directory: str | Any, *args: Any, **kwargs: Any) -> Any:
         """`PreTrainedModel.save_pretrained`, plus an ``AutoModel`` entry in ``auto_map``.
 
@@ -143,11 +148,7 @@ class StrictLoadingMixin:
         ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works from any head's folder.
         The weight files get a ``checksums.sha256`` manifest that `from_pretrained` verifies.
         """
-        if getattr(self, "is_int8_copy", False):
-            raise ValueError(
-                "This is an int8 copy made by quantize_int8() for CPU inference; its weights are not a "
-                "checkpoint. Save the model it was made from."
-            )
+        _refuse_int8_copy(self)
         # Start from a clean map: a config shared with (or loaded from) another head must not keep
         # that head's entry. The config and this class add their own entries while saving.
         self.config.auto_map = {"AutoModel": "modeling_labelformer.LabelformerModel"}
@@ -156,6 +157,14 @@ class StrictLoadingMixin:
             weights = sorted(p.name for p in Path(save_directory).iterdir() if ".safetensors" in p.name)
             write_checksums(save_directory, weights)
         return result
+
+
+def _refuse_int8_copy(model: Any) -> None:
+    if getattr(model, "is_int8_copy", False):
+        raise ValueError(
+            "This is an int8 copy made by quantize_int8() for CPU inference; its weights are not a "
+            "checkpoint. Save or push the model it was made from."
+        )
 
 
 __all__ = ["CHECKSUMS_FILE", "StrictLoadingMixin", "sha256_of", "verify_checksums", "write_checksums"]

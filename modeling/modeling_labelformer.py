@@ -588,15 +588,27 @@ class LabelformerPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     def quantize_int8(self) -> LabelformerPreTrainedModel:
         """A copy for CPU inference whose encoder and decoder linear layers compute in int8.
 
-        PyTorch's dynamic quantization: each ``nn.Linear`` of the encoder-decoder (``base_model``)
-        gets int8 weights (one scale per matrix, computed once here) and quantizes its activations
-        per call (VNNI / AVX-512 kernels where the CPU has them). Embeddings, the output projection
-        and the head's own layers (label attention, classifiers, the lexical part) stay fp32. This
-        model is left unchanged; the copy runs on the CPU only and cannot be saved (save the model
-        it was made from). What it gains and costs in quality is in the README's Speed section.
+        PyTorch's dynamic quantization: each ``nn.Linear`` inside the encoder and decoder stacks gets
+        int8 weights (one scale per matrix, computed once here) and quantizes its input per call with
+        one scale for the whole batch (VNNI / AVX-512 kernels where the CPU has them), so a text's
+        probabilities can move in the third decimal with the texts it is batched with. Embeddings,
+        the output projection and the head's own layers (label attention, classifiers, the lexical
+        part) stay fp32. This model is left unchanged; the copy runs on the CPU in fp32 only (no bf16
+        on top) and cannot be saved (save the model it was made from). What it gains and costs in
+        quality is in the README's Speed section.
         """
-        if self.device.type != "cpu":
-            raise ValueError(f"quantize_int8 makes a CPU model; this one is on {self.device}. Call it on model.cpu().")
+        devices = {p.device.type for p in self.parameters()}
+        if devices != {"cpu"}:
+            raise ValueError(
+                f"quantize_int8 makes a CPU model; this one has weights on {sorted(devices)}. Quantize a CPU copy: "
+                "copy.deepcopy(model).cpu().quantize_int8()."
+            )
+        dtypes = {p.dtype for p in self.parameters()}
+        if dtypes != {torch.float32}:
+            raise ValueError(
+                f"quantize_int8 quantizes fp32 weights; this model has {sorted(map(str, dtypes))}. Quantize an fp32 "
+                "copy: copy.deepcopy(model).float().quantize_int8()."
+            )
         try:
             from torch.ao.quantization import quantize_dynamic
         except ImportError as error:  # deprecated in torch 2.10, still present in 2.13
@@ -605,11 +617,17 @@ class LabelformerPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
                 "does not have; use bf16 instead: predict_labels(..., dtype=torch.bfloat16)."
             ) from error
         if torch.backends.quantized.engine == "none":
-            raise RuntimeError("This PyTorch build has no quantized CPU engine (torch.backends.quantized.engine).")
+            raise RuntimeError(
+                "This PyTorch build has no quantized CPU engine (torch.backends.quantized.engine is 'none'), so "
+                "int8 cannot run here; use bf16 instead: predict_labels(..., dtype=torch.bfloat16)."
+            )
         clone = copy.deepcopy(self).eval()
-        with warnings.catch_warnings():  # torch.ao's deprecation notice: the API is what this method wraps
-            warnings.simplefilter("ignore", (DeprecationWarning, UserWarning, FutureWarning))
-            quantize_dynamic(clone.base_model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        stacks = [m for m in clone.modules() if isinstance(m, (LabelformerEncoder, LabelformerDecoder))]
+        with warnings.catch_warnings():  # torch.ao's own deprecation notices: the API is what this method wraps
+            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+            for stack in stacks:
+                quantize_dynamic(stack, {nn.Linear}, dtype=torch.qint8, inplace=True)
         clone.is_int8_copy = True
         return clone
 

@@ -103,7 +103,12 @@ class MultiLabelGenerationPipeline(Pipeline):
     def preprocess(self, text: str, max_length: int | None = None) -> dict[str, Any]:
         from .prediction_labelformer import check_texts  # here: that module imports this one
 
-        return self._encode(check_texts(text, empty_hint=""), max_length)  # one text (of a list, a generator, ...)
+        if not isinstance(text, str):  # a generator's or Dataset's item: one text each (a list would lose texts)
+            raise ValueError(
+                f"Each input of the {TASK!r} pipeline must be a string, got {type(text).__name__}; pass the texts "
+                "themselves (a list, a generator or a Dataset column of strings)."
+            )
+        return self._encode(check_texts(text, empty_hint=""), max_length)
 
     def _encode(self, texts: list[str], max_length: int | None = None) -> dict[str, Any]:
         """Checked texts -> a padded batch ``[b, s]`` (truncated to ``max_length``, default as `predict_labels`)."""

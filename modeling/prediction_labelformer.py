@@ -171,6 +171,11 @@ class MultiLabelPredictionMixin:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
         if dtype not in (None, torch.bfloat16):
             raise ValueError(f"`dtype` must be None or torch.bfloat16, got {dtype!r}.")
+        if getattr(self, "is_int8_copy", False) and (dtype is not None or torch.is_autocast_enabled(self.device.type)):
+            raise ValueError(
+                "This int8 copy (quantize_int8) computes in int8 and fp32 only: call predict_labels without "
+                "`dtype` and outside autocast, or use bf16 on the model it was made from."
+            )
         texts = check_texts(texts, allow_empty)
         check_finite_weights(self)
         tokenizer = self._resolve_tokenizer(tokenizer)

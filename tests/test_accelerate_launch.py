@@ -93,6 +93,6 @@ def test_accelerate_launch_trains_on_2_cpu_processes_like_1_process(tmp_path, da
         checkpoint = max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         mean = {k.removeprefix("module."): v for k, v in load_file(checkpoint / "averaged_model.safetensors").items()}
         shipped = load_file(out / "model.safetensors")
-        common = shipped.keys() & mean.keys()  # a tied matrix is stored once, under either of its names
-        assert len(common) >= len(shipped) - 1 and len(common) > 10
-        assert all(shipped[name].equal(mean[name]) for name in common)
+        names = shipped.keys() & mean.keys()  # a tied matrix is stored once, under either of its names
+        assert len(names) >= len(shipped) - 1 and len(names) > 10
+        assert all(shipped[name].equal(mean[name]) for name in names)

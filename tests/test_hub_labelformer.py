@@ -198,6 +198,8 @@ def test_pipeline_in_process(trained_dir):
         classifier("   ")
     with pytest.raises(ValueError, match=r"^The text is empty"):  # a generator's items have no index to name
         list(classifier(text for text in [TEXTS[0], "  "]))
+    with pytest.raises(ValueError, match="must be a string, got list"):  # a list item would lose all but one text
+        list(classifier(texts for texts in [TEXTS[:2]]))
 
 
 def test_loading_refuses_pickle_mismatched_labels_and_missing_weights(trained_dir, tmp_path):

@@ -4,6 +4,7 @@ as fp32 within bf16's precision, fp32 master weights, the script's choice), bf16
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from modeling import LabelformerConfig, LabelformerForMultiLabelGeneration
+from modeling.modeling_labelformer import LabelformerDecoder, LabelformerEncoder
 
 from .conftest import TINY
 
@@ -131,6 +133,12 @@ def test_quantize_int8_copy_answers_like_the_model_and_leaves_it_unchanged(tmp_p
     with pytest.raises(ValueError, match="int8 copy made by quantize_int8"):
         int8.save_pretrained(tmp_path / "int8")
     assert not (tmp_path / "int8").exists()
+    with pytest.raises(ValueError, match="int8 copy made by quantize_int8"):  # before any Hub request
+        int8.push_to_hub("someone/int8")
+    with pytest.raises(ValueError, match="computes in int8 and fp32 only"):  # no bf16 on top of int8
+        int8.predict_labels(texts[:2], tokenizer, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"quantizes fp32 weights.*\.float\(\)\.quantize_int8\(\)"):
+        copy.deepcopy(model).to(torch.bfloat16).quantize_int8()
 
 
 @pytest.mark.parametrize("head", ["LabelformerForMultiLabelClassification", "LabelformerForParallelLabelGeneration"])
@@ -141,8 +149,11 @@ def test_quantize_int8_covers_the_other_heads(head):
     config = LabelformerConfig.from_labels([f"label{i}" for i in range(12)], **{**TINY, "vocab_size": 64})
     model = getattr(modeling, head)(config).eval()
     int8 = model.quantize_int8()
-    quantized = [m for m in int8.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-    assert len(quantized) >= config.encoder_layers * 6  # q, k, v, out, fc1, fc2 of every encoder layer
+    stacks = [m for m in int8.modules() if isinstance(m, (LabelformerEncoder, LabelformerDecoder))]
+    assert len(stacks) == (1 if head == "LabelformerForMultiLabelClassification" else 2)
+    for stack in stacks:  # every linear layer of the encoder and decoder stacks is int8
+        assert not any(type(m) is torch.nn.Linear for m in stack.modules())
+        assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in stack.modules())
     ids = torch.randint(4, 64, (3, 10))
     with torch.no_grad():
         a, b = model(input_ids=ids).logits.flatten(), int8(input_ids=ids).logits.flatten()

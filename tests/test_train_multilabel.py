@@ -341,7 +341,8 @@ def test_presets_fill_in_what_the_flags_leave_open(script):
     assert 1 <= reproduce.average_from_epoch <= reproduce.epochs
     base = script.parse_args(["--preset", "base", "--output_dir", "x"])  # the reproduce recipe, wider and deeper
     assert (base.d_model, base.encoder_layers, base.decoder_layers, base.attention_heads) == (512, 6, 2, 8)
-    assert (base.average_from_epoch, base.epochs, base.max_length) == (6, 16, 256)
+    assert (base.average_from_epoch, base.epochs, base.max_length, base.vocab_size) == (6, 16, 256, 16000)
+    assert (base.ffn_dim, base.learning_rate, base.dropout) == (2048, 5e-4, 0.0)
     assert base.d_model % base.attention_heads == 0
 
 
