@@ -6,7 +6,8 @@ one batch of ``predict_batch`` (what `predict_labels` runs per batch) at b1 and 
 batch: fp32; bf16 autocast entered per call (so each call also pays for casting the weights, as
 ``predict_labels(..., dtype=torch.bfloat16)`` does); and the model's int8 copy (``model.quantize_int8()``,
 made once). Quality (with ``--model``): a saved model folder's test micro-/macro-F1 on the embedded
-Reuters split through `predict_labels` in each precision, with the wall-clock time of each pass.
+Reuters split through `predict_labels` in each precision, with the wall-clock time of each pass (after
+an untimed warm-up call on 64 texts).
 
     python benchmarks/cpu_inference.py --model outputs/quick --json cpu_inference.json
 """
@@ -74,6 +75,7 @@ def quality(folder: str) -> dict:
     calls = {"fp32": (model, None), "bf16": (model, torch.bfloat16), "int8": (int8, None)}
     result = {}
     for name, (predictor, dtype) in calls.items():
+        predictor.predict_labels(texts[:64], allow_empty=True, dtype=dtype)  # warm-up, untimed: first calls cost more
         start = time.perf_counter()
         predictions = predictor.predict_labels(texts, allow_empty=True, dtype=dtype)
         seconds = time.perf_counter() - start
