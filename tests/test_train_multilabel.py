@@ -339,6 +339,9 @@ def test_presets_fill_in_what_the_flags_leave_open(script):
     assert plain.average_from_epoch == 0  # weight averaging is off unless a preset or the flag asks for it
     reproduce = script.parse_args(["--preset", "reproduce", "--output_dir", "x"])
     assert 1 <= reproduce.average_from_epoch <= reproduce.epochs
+    quick = script.parse_args(["--preset", "quick", "--output_dir", "x"])
+    assert quick.num_beams == reproduce.num_beams == 1  # the main job skips the extra beam pass over test
+    assert script.parse_args(["--preset", "quick", "--num_beams", "3", "--output_dir", "x"]).num_beams == 3
     base = script.parse_args(["--preset", "base", "--output_dir", "x"])  # the reproduce recipe, wider and deeper
     assert (base.d_model, base.encoder_layers, base.decoder_layers, base.attention_heads) == (512, 6, 2, 8)
     assert (base.average_from_epoch, base.epochs, base.max_length, base.vocab_size) == (6, 16, 256, 16000)
