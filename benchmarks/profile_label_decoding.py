@@ -65,17 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     steps = config.effective_max_labels + 1
     states = model.encode(ids, mask).last_hidden_state
     decoder = GreedyLabelDecoder(model, args.batch, ids.shape[1], steps, states.device, states.dtype, False)
-    decoder.cache.set_encoder_states(states, mask)
+    cache = decoder.members[0][2]
+    cache.set_encoder_states(states, mask)
     layers = model.model.decoder
     current = torch.full((args.batch, 1), 5, dtype=torch.long)
-    hidden = layers.decode_step(current, decoder.cache, 3)
+    hidden = layers.decode_step(current, cache, 3)
     used = torch.zeros(args.batch, config.decoder_vocab_size, dtype=torch.bool)
     count = torch.zeros(args.batch, dtype=torch.long)
     logits = model.lm_head(hidden).float()
 
     def rules_and_choice():
         allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
-        probs = (logits + decoder.row_bias).masked_fill(~allowed, float("-inf")).softmax(-1)
+        probs = (logits + decoder.member_bias[0]).masked_fill(~allowed, float("-inf")).softmax(-1)
         best = probs.argmax(-1)
         probs.gather(-1, best[:, None])
         used.clone().scatter_(1, best[:, None], True)
@@ -83,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parts = {
         "greedy_labels (whole call)": lambda: model.greedy_labels(ids, mask),
         "  encode (encoder + label logits)": lambda: model.encode(ids, mask),
-        "  cache set-up (cross keys/values)": lambda: decoder.cache.set_encoder_states(states, mask),
+        "  cache set-up (cross keys/values)": lambda: cache.set_encoder_states(states, mask),
         f"  decoder loop, {steps} steps (eager)": lambda: decoder._decode(early_exit=True),
-        "    one step: decode_step (all layers)": lambda: layers.decode_step(current, decoder.cache, 3),
+        "    one step: decode_step (all layers)": lambda: layers.decode_step(current, cache, 3),
         "      of which one decoder layer": lambda: layers.layers[0](
-            layers.embeddings(current, offset=3), decoder.cache.encoder_states, None, decoder.cache.cross_mask,
-            decoder.cache,
+            layers.embeddings(current, offset=3), cache.encoder_states, None, cache.cross_mask,
+            cache,
         ),
         "    one step: lm_head": lambda: model.lm_head(hidden),
         "    one step: label rules, softmax, choice": rules_and_choice,

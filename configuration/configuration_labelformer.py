@@ -120,6 +120,9 @@ class LabelformerConfig(PretrainedConfig):
         lexical_scorer: The multi-label heads hold the optional hybrid part `LexicalLabelScorer`
             (``modeling/lexical_labelformer.py``): a linear model over the tf-idf bag of the input ids,
             fit with scikit-learn, whose scaled margins ``forward()`` adds to the label logits.
+        ensemble_size: How many Transformers (encoder-decoders of this shape) the label-generation
+            model holds: 1 for `LabelformerForMultiLabelGeneration`; 2 or more for
+            `LabelformerEnsembleForMultiLabelGeneration`, whose ``forward()`` averages their probabilities.
         label_fingerprint: Hash of the label names in id order (`label_fingerprint`), set by
             `from_labels`; loading checks ``id2label`` against it, so renamed or reordered labels are
             refused instead of silently mislabelling predictions. ``None``: not checked.
@@ -166,6 +169,7 @@ class LabelformerConfig(PretrainedConfig):
         num_label_slots: int | None = None,
         classifier_pooling: str = "mean",
         lexical_scorer: bool = False,
+        ensemble_size: int = 1,
         label_fingerprint: str | None = None,
         tokenizer_fingerprint: str | None = None,
         pad_token_id: int = PAD_TOKEN_ID,
@@ -211,6 +215,7 @@ class LabelformerConfig(PretrainedConfig):
         self.num_label_slots = num_label_slots
         self.classifier_pooling = classifier_pooling
         self.lexical_scorer = lexical_scorer
+        self.ensemble_size = ensemble_size
         self.label_fingerprint = label_fingerprint
         self.tokenizer_fingerprint = tokenizer_fingerprint
         super().__init__(
@@ -266,6 +271,7 @@ class LabelformerConfig(PretrainedConfig):
         if self.num_labels < 1:
             raise ValueError("`id2label` is empty (`num_labels` 0): a Labelformer config needs at least one label.")
         _check_int("min_labels", self.min_labels, 0)
+        _check_int("ensemble_size", self.ensemble_size, 1)
         if self.max_labels is not None:
             _check_int("max_labels", self.max_labels, 1)
             if self.max_labels < self.min_labels:

@@ -18,6 +18,7 @@ from .data_labelformer import (
     split_unknown_labels,
 )
 from .decoding_labelformer import LabelSetLogitsProcessor, StaticDecodingCache
+from .ensemble_labelformer import LabelformerEnsembleForMultiLabelGeneration
 from .generation_labelformer import LabelformerForMultiLabelGeneration
 from .lexical_labelformer import LexicalLabelScorer, fit_lexical_scorer
 from .modeling_labelformer import LabelformerForConditionalGeneration, LabelformerModel, LabelformerPreTrainedModel
@@ -31,7 +32,12 @@ AutoConfig.register(LabelformerConfig.model_type, LabelformerConfig, exist_ok=Tr
 AutoModel.register(LabelformerConfig, LabelformerModel, exist_ok=True)
 AutoModelForSeq2SeqLM.register(
     LabelformerConfig,
-    (LabelformerForConditionalGeneration, LabelformerForMultiLabelGeneration, LabelformerForParallelLabelGeneration),
+    (
+        LabelformerForConditionalGeneration,
+        LabelformerForMultiLabelGeneration,
+        LabelformerEnsembleForMultiLabelGeneration,
+        LabelformerForParallelLabelGeneration,
+    ),
     exist_ok=True,
 )
 AutoModelForSequenceClassification.register(LabelformerConfig, LabelformerForMultiLabelClassification, exist_ok=True)
@@ -45,6 +51,7 @@ PIPELINE_REGISTRY.register_pipeline(
 LabelformerModel.register_for_auto_class("AutoModel")
 LabelformerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 LabelformerForMultiLabelGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+LabelformerEnsembleForMultiLabelGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 LabelformerForParallelLabelGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 LabelformerForMultiLabelClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
@@ -52,6 +59,7 @@ __all__ = [
     "METRIC_PATH",
     "LabelSetLogitsProcessor",
     "LabelformerConfig",
+    "LabelformerEnsembleForMultiLabelGeneration",
     "LabelformerForConditionalGeneration",
     "LabelformerForMultiLabelClassification",
     "LabelformerForMultiLabelGeneration",

@@ -14,6 +14,7 @@ This file is copied into saved model folders and must only import our own code r
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from typing import Any
@@ -60,8 +61,11 @@ class StaticDecodingCache:
         # the `EncoderDecoderCache` surface read by `LabelformerAttention._keys_values`
         self.self_attention_cache = self
         self.cross_attention_cache = self
-        self.is_updated = {i: True for i in range(len(decoder.layers))}
-        self.layers = [_KeysValues(k, v) for k, v in zip(self.cross_keys, self.cross_values)]
+        # by the layers' cache indices (an ensemble member's decoder layers start after the other members')
+        indices = [layer.self_attn.layer_idx for layer in decoder.layers]
+        self.slot = {index: i for i, index in enumerate(indices)}
+        self.is_updated = dict.fromkeys(indices, True)
+        self.layers = {index: _KeysValues(k, v) for index, k, v in zip(indices, self.cross_keys, self.cross_values)}
 
     @torch.no_grad()
     def set_encoder_states(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -77,10 +81,10 @@ class StaticDecodingCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``[b, h, 1, d_k]`` at the current step; return the keys/values so far ``[b, h, t + 1, d_k]``."""
-        t = self.step
-        self.keys[layer_idx][:, :, t : t + 1].copy_(key)
-        self.values[layer_idx][:, :, t : t + 1].copy_(value)
-        return self.keys[layer_idx][:, :, : t + 1], self.values[layer_idx][:, :, : t + 1]
+        t, i = self.step, self.slot[layer_idx]
+        self.keys[i][:, :, t : t + 1].copy_(key)
+        self.values[i][:, :, t : t + 1].copy_(value)
+        return self.keys[i][:, :, : t + 1], self.values[i][:, :, : t + 1]
 
 
 @torch.no_grad()
@@ -319,22 +323,42 @@ class LabelSetLogitsProcessor(LogitsProcessor):
 # ---------------------------------------------------------------------------------------------
 
 
-class GreedyLabelDecoder:
-    """Constrained greedy label decoding on a static decoding cache, for one model and batch shape.
+def ensemble_log_probs(member_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Members' label logits, each ``[..., v]`` -> the log of the mean of their softmaxes ``[..., v]`` (float).
 
-    Each step runs `LabelformerDecoder.decode_step` and ``lm_head``, adds the row's label evidence
-    (what the model's ``forward()`` adds to every position, ``[b, v]``), and applies `label_rules`
-    as running state (``used`` labels, label ``count``, rows ``done``); the chosen token's
-    probability under the constrained softmax is its score. Eagerly it stops once every row has
-    emitted EOS. With ``cuda_graph`` the whole loop (all ``steps`` steps and the rules) is captured
-    once as one CUDA graph and later calls replay it.
+    One member: its logits unchanged (the same distribution up to a constant per row, which a softmax
+    drops). This is how an ensemble's `forward()` and its greedy loop combine members: the labels are
+    decided on the members' averaged probabilities.
+    """
+    if len(member_logits) == 1:
+        return member_logits[0]
+    stacked = torch.stack([logits.float().log_softmax(-1) for logits in member_logits])  # [K, ..., v]
+    return stacked.logsumexp(0) - math.log(len(member_logits))
+
+
+class GreedyLabelDecoder:
+    """Constrained greedy label decoding on static decoding caches, for one model and batch shape.
+
+    The model is one encoder-decoder or an ensemble of them (``model.label_decoders()``: one
+    ``(decoder, lm_head)`` pair per member). Each step runs every member's `LabelformerDecoder.decode_step`
+    and ``lm_head``, adds the member's row bias (its document label logits), combines the members with
+    `ensemble_log_probs`, adds the shared bias (an ensemble's lexical part), and applies `label_rules` as
+    running state (``used`` labels, label ``count``, rows ``done``); the chosen token's probability
+    under the constrained softmax is its score. Eagerly it stops once every row has emitted EOS. With
+    ``cuda_graph`` the whole loop (all ``steps`` steps and the rules) is captured once as one CUDA graph
+    and later calls replay it.
     """
 
     def __init__(self, model: Any, batch: int, source_len: int, steps: int, device: torch.device,
                  dtype: torch.dtype, cuda_graph: bool) -> None:  # fmt: skip
         self.model = weakref.proxy(model)  # the registry holds decoders per model: no reference cycle
-        self.cache = StaticDecodingCache(model.model.decoder, batch, source_len, steps, device, dtype)
-        self.row_bias = torch.zeros(batch, model.config.decoder_vocab_size, device=device)
+        self.members = [
+            (decoder, lm_head, StaticDecodingCache(decoder, batch, source_len, steps, device, dtype))
+            for decoder, lm_head in model.label_decoders()
+        ]
+        vocab = model.config.decoder_vocab_size
+        self.member_bias = [torch.zeros(batch, vocab, device=device) for _ in self.members]
+        self.shared_bias = torch.zeros(batch, vocab, device=device)
         self.batch, self.steps, self.device = batch, steps, device
         self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -342,7 +366,7 @@ class GreedyLabelDecoder:
         self.lock = threading.Lock()
 
     def _decode(self, early_exit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        model, config = self.model, self.model.config
+        config = self.model.config
         batch, device = self.batch, self.device
         current = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long, device=device)
         used = torch.zeros(batch, config.decoder_vocab_size, dtype=torch.bool, device=device)
@@ -351,8 +375,12 @@ class GreedyLabelDecoder:
         tokens, scores = [], []
         for step in range(self.steps):
             allowed = label_rules(used, count, config.min_labels, config.effective_max_labels)
-            logits = model.lm_head(model.model.decoder.decode_step(current, self.cache, step)).float()
-            probs = (logits + self.row_bias).masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, v]
+            member_logits = [
+                lm_head(decoder.decode_step(current, cache, step)).float() + bias
+                for (decoder, lm_head, cache), bias in zip(self.members, self.member_bias)
+            ]
+            logits = ensemble_log_probs(member_logits) + self.shared_bias
+            probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, v]
             best = probs.argmax(-1)
             score = probs.gather(-1, best[:, None]).squeeze(-1)
             best = best.masked_fill(done, config.pad_token_id)
@@ -369,16 +397,24 @@ class GreedyLabelDecoder:
 
     @torch.no_grad()
     def __call__(
-        self, encoder_states: torch.Tensor, attention_mask: torch.Tensor | None, row_bias: torch.Tensor | None
+        self,
+        member_states: list[torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        member_bias: list[torch.Tensor],
+        shared_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[b, s, d]`` encoder states, ``[b, s]`` mask and ``[b, v]`` row bias (or ``None``) ->
-        ``[b, t]`` tokens (labels, EOS, then padding) and ``[b, t]`` their probabilities."""
+        """Per member ``[b, s, d]`` encoder states and ``[b, v]`` row bias, the ``[b, s]`` mask and an optional
+        ``[b, v]`` shared bias -> ``[b, t]`` tokens (labels, EOS, then padding) and ``[b, t]`` their probabilities."""
+        if len(member_states) != len(self.members) or len(member_bias) != len(self.members):
+            raise ValueError(f"Expected states and row biases for {len(self.members)} members.")
         with self.lock:
-            self.cache.set_encoder_states(encoder_states, attention_mask)
-            if row_bias is None:
-                self.row_bias.zero_()
+            for (_, _, cache), states, buffer, bias in zip(self.members, member_states, self.member_bias, member_bias):
+                cache.set_encoder_states(states, attention_mask)
+                buffer.copy_(bias)
+            if shared_bias is None:
+                self.shared_bias.zero_()
             else:
-                self.row_bias.copy_(row_bias)
+                self.shared_bias.copy_(shared_bias)
             if not self.cuda_graph:
                 return self._decode(early_exit=True)
             if self.graph is None:
@@ -400,7 +436,8 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def greedy_label_decoder(model: Any, encoder_states: torch.Tensor, use_cuda_graphs: bool) -> GreedyLabelDecoder:
-    """A `GreedyLabelDecoder` for this model and batch shape: a fresh one on CPU, a cached CUDA-graph one on GPUs."""
+    """A `GreedyLabelDecoder` for this model and batch shape (``[b, s, d]`` states of one member): a fresh one
+    on CPU, a cached CUDA-graph one on GPUs."""
     steps = model.config.effective_max_labels + 1
     batch, source_len = encoder_states.shape[:2]
     use_graphs = (
@@ -412,7 +449,10 @@ def greedy_label_decoder(model: Any, encoder_states: torch.Tensor, use_cuda_grap
     )
     if not use_graphs:
         return GreedyLabelDecoder(model, batch, source_len, steps, encoder_states.device, encoder_states.dtype, False)
-    weights = (model.lm_head.weight.data_ptr(), model.model.decoder.layers[0].self_attn.q_proj.weight.data_ptr())
+    weights = tuple(
+        (lm_head.weight.data_ptr(), decoder.layers[0].self_attn.q_proj.weight.data_ptr())
+        for decoder, lm_head in model.label_decoders()
+    )
     key = (batch, source_len, steps, model.config.min_labels, encoder_states.device, encoder_states.dtype,
            model.config._attn_implementation, weights)  # fmt: skip
     with _REGISTRY_LOCK:
@@ -434,6 +474,7 @@ __all__ = [
     "LabelSetLogitsProcessor",
     "StaticDecodingCache",
     "allowed_label_tokens",
+    "ensemble_log_probs",
     "greedy_decode",
     "greedy_label_decoder",
     "plain_greedy_request",

@@ -22,7 +22,12 @@ from transformers import GenerationMixin, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 
 from .configuration_labelformer import NUM_SPECIAL_DECODER_TOKENS, LabelformerConfig
-from .decoding_labelformer import LabelSetLogitsProcessor, allowed_label_tokens, greedy_label_decoder
+from .decoding_labelformer import (
+    LabelSetLogitsProcessor,
+    allowed_label_tokens,
+    greedy_label_decoder,
+    plain_greedy_request,
+)
 from .modeling_labelformer import LabelformerForConditionalGeneration, sequence_cross_entropy, shift_tokens_right
 from .prediction_labelformer import MultiLabelPredictionMixin, lexical_scorer_of, masked_mean
 
@@ -68,6 +73,12 @@ class LabelAttention(nn.Module):
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
 
 
+def label_row_bias(label_logits: torch.Tensor) -> torch.Tensor:
+    """A document's label logits ``[b, num_labels]`` -> what they add to each decoding step's logits
+    ``[b, decoder_vocab_size]`` (float; 0 at pad/bos/eos)."""
+    return nn.functional.pad(label_logits.float(), (NUM_SPECIAL_DECODER_TOKENS, 0))
+
+
 class _LabelEncoding:
     """What `LabelformerForMultiLabelGeneration.get_encoder` returns: the encoder plus the label evidence.
 
@@ -92,76 +103,16 @@ class _LabelEncoding:
     __call__ = forward
 
 
-class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerForConditionalGeneration):
-    """Writes a document's labels one by one and stops with EOS.
-
-    Training: ``labels`` ``[b, t]`` are label tokens in the config's ``label_order`` then EOS, -100
-    for padding (see `MultiLabelCollator`); teacher forcing with cross-entropy.
-
-    Inference: ``generate()`` always applies the label-set rules and by default decodes up to
-    ``max_labels`` + EOS; `decode_labels` turns its ids into names; `predict_labels` returns names
-    and the constrained step probabilities (``exp`` of `compute_transition_scores` for greedy).
+class LabelGenerationMixin:
+    """What every label-generation model shares, on top of its own ``encode()``, ``forward()``,
+    ``greedy_labels()`` and ``label_decoders()``: `generate()` under the label-set rules, its fast greedy
+    path, rescoring, decoding ids to names and `predict_batch` (used by `predict_labels` and the pipeline).
     """
 
-    def __init__(self, config: LabelformerConfig) -> None:
-        if not config.is_label_model:
-            raise ValueError(
-                f"`decoder_vocab_size` is {config.decoder_vocab_size} but a label decoder over {config.num_labels} "
-                f"labels needs {config.num_labels + NUM_SPECIAL_DECODER_TOKENS} (labels + pad/bos/eos). Build the "
-                "config with LabelformerConfig.from_labels(labels, ...)."
-            )
-        super().__init__(config)
-        #: Label logits of the whole document (masked mean of the encoder states), added at every decoding
-        #: step: the decoder then learns what to add to a bag-of-states classifier (which labels are
-        #: already written, when to stop) instead of learning the document's evidence step by step.
-        self.document_classifier = nn.Linear(config.d_model, config.num_labels)
-        #: Label-wise attention: each label also reads the document with its own query, not only through the
-        #: mean (benchmarks/RESULTS.md, 2026-12-04). Checkpoints saved before it existed lack its weights.
-        self.label_attention = LabelAttention(config.d_model, config.num_labels)
-        self.lexical_scorer = lexical_scorer_of(config)
-        #: Replay the greedy label loop as a CUDA graph on GPUs (captured per batch shape).
-        self.use_cuda_graphs = True
-        self.post_init()
+    config: LabelformerConfig
 
     def get_encoder(self, modality: str | None = None) -> _LabelEncoding:
         return _LabelEncoding(self)
-
-    def encode(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-    ) -> LabelEncoderOutput:
-        """``[b, s]`` ids -> encoder states ``[b, s, d]`` and the document's label logits ``[b, num_labels]``."""
-        encoded = self.model.encoder(
-            input_ids, attention_mask, inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-        )  # fmt: skip
-        states = encoded.last_hidden_state
-        label_logits = self.document_classifier(masked_mean(states, attention_mask))
-        label_logits = label_logits + self.label_attention(states, attention_mask)
-        if self.lexical_scorer is not None:
-            if input_ids is None:
-                raise ValueError("This model's lexical part reads `input_ids`: pass them instead of `inputs_embeds`.")
-            label_logits = label_logits + self.lexical_scorer(input_ids).to(label_logits.dtype)
-        return LabelEncoderOutput(
-            last_hidden_state=encoded.last_hidden_state,
-            hidden_states=encoded.hidden_states,
-            attentions=encoded.attentions,
-            label_logits=label_logits,
-        )
-
-    def row_bias(self, encoder_outputs: Any) -> torch.Tensor:
-        """What ``forward()`` adds to every position: ``[b, decoder_vocab_size]`` (0 at pad/bos/eos)."""
-        label_logits = getattr(encoder_outputs, "label_logits", None)
-        if label_logits is None:
-            raise ValueError(
-                "This head adds the document's label logits to every step: pass `input_ids`, or `encoder_outputs` "
-                "from `model.encode(input_ids, attention_mask)` (a plain encoder output lacks them)."
-            )
-        return nn.functional.pad(label_logits.float(), (NUM_SPECIAL_DECODER_TOKENS, 0))
 
     def label_processor(self) -> LabelSetLogitsProcessor:
         """The decoding constraints of this model's config."""
@@ -175,7 +126,7 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
             kwargs["max_new_tokens"] = self.config.effective_max_labels + 1
         if logits_processor is None:
-            fast = self._plain_greedy_request(args, kwargs)
+            fast = plain_greedy_request(self, args, kwargs)
             if fast is not None and fast["min_new_tokens"] <= self.config.min_labels:
                 return self.greedy_generate(**fast)
         processors = LogitsProcessorList(logits_processor or [])
@@ -192,58 +143,6 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         tokens = tokens[:, : min(max_new_tokens, int(written.max()) + 1 if written.numel() else 1)]
         start = torch.full_like(tokens[:, :1], self.config.decoder_start_token_id)
         return torch.cat([start, tokens], dim=1)
-
-    @torch.no_grad()
-    def greedy_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Constrained greedy decoding on a static cache (`GreedyLabelDecoder`): one encoder pass, one
-        cached decoder step per label over the small label vocabulary, rules kept as running state.
-
-        Returns:
-            ``[b, t]`` chosen tokens (labels, then EOS, then padding) and ``[b, t]`` their probabilities.
-        """
-        encoded = self.encode(input_ids, attention_mask)
-        states = encoded.last_hidden_state
-        decoder = greedy_label_decoder(self, states, self.use_cuda_graphs)
-        return decoder(states, attention_mask, self.row_bias(encoded))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        decoder_input_ids: torch.Tensor | None = None,
-        encoder_outputs: BaseModelOutput | tuple | None = None,
-        labels: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """As `LabelformerForConditionalGeneration.forward`, plus the document's extra label logits.
-
-        Returns ``logits`` ``[b, t, decoder_vocab_size]``: the decoder's, plus `row_bias` (the lexical
-        part, when the model has one) at every position; with ``labels`` ``[b, t]`` the loss is the
-        mean cross-entropy of those logits.
-        """
-        if encoder_outputs is None:
-            encoder_outputs = self.encode(
-                input_ids, attention_mask, inputs_embeds, bool(output_attentions), bool(output_hidden_states)
-            )
-        bias = self.row_bias(encoder_outputs)  # [b, v] or None
-        if labels is not None and decoder_input_ids is None and kwargs.get("decoder_inputs_embeds") is None:
-            decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
-        outputs = super().forward(
-            attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids,
-            encoder_outputs=encoder_outputs,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
-        )
-        if bias is not None:
-            outputs.logits = outputs.logits + bias[:, None, :].to(outputs.logits.dtype)
-        if labels is not None:
-            outputs.loss = sequence_cross_entropy(outputs.logits, labels, self.config.label_smoothing)
-        return outputs
 
     def constrained_logits(
         self, decoder_input_ids: torch.Tensor, encoder_outputs: Any, attention_mask: torch.Tensor | None
@@ -300,4 +199,142 @@ class LabelformerForMultiLabelGeneration(MultiLabelPredictionMixin, LabelformerF
         return self._scored_labels(tokens, scores)
 
 
-__all__ = ["LabelAttention", "LabelEncoderOutput", "LabelformerForMultiLabelGeneration"]
+class LabelformerForMultiLabelGeneration(
+    LabelGenerationMixin, MultiLabelPredictionMixin, LabelformerForConditionalGeneration
+):
+    """Writes a document's labels one by one and stops with EOS.
+
+    Training: ``labels`` ``[b, t]`` are label tokens in the config's ``label_order`` then EOS, -100
+    for padding (see `MultiLabelCollator`); teacher forcing with cross-entropy.
+
+    Inference: ``generate()`` always applies the label-set rules and by default decodes up to
+    ``max_labels`` + EOS; `decode_labels` turns its ids into names; `predict_labels` returns names
+    and the constrained step probabilities (``exp`` of `compute_transition_scores` for greedy).
+    """
+
+    def __init__(self, config: LabelformerConfig) -> None:
+        if not config.is_label_model:
+            raise ValueError(
+                f"`decoder_vocab_size` is {config.decoder_vocab_size} but a label decoder over {config.num_labels} "
+                f"labels needs {config.num_labels + NUM_SPECIAL_DECODER_TOKENS} (labels + pad/bos/eos). Build the "
+                "config with LabelformerConfig.from_labels(labels, ...)."
+            )
+        if config.ensemble_size != 1:
+            raise ValueError(
+                f"This config describes an ensemble of {config.ensemble_size} Transformers: load it with "
+                "LabelformerEnsembleForMultiLabelGeneration (AutoModelForSeq2SeqLM does, from its saved folder)."
+            )
+        super().__init__(config)
+        #: Label logits of the whole document (masked mean of the encoder states), added at every decoding
+        #: step: the decoder then learns what to add to a bag-of-states classifier (which labels are
+        #: already written, when to stop) instead of learning the document's evidence step by step.
+        self.document_classifier = nn.Linear(config.d_model, config.num_labels)
+        #: Label-wise attention: each label also reads the document with its own query, not only through the
+        #: mean (benchmarks/RESULTS.md, 2026-12-04). Checkpoints saved before it existed lack its weights.
+        self.label_attention = LabelAttention(config.d_model, config.num_labels)
+        self.lexical_scorer = lexical_scorer_of(config)
+        #: Replay the greedy label loop as a CUDA graph on GPUs (captured per batch shape).
+        self.use_cuda_graphs = True
+        self.post_init()
+
+    def encode(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> LabelEncoderOutput:
+        """``[b, s]`` ids -> encoder states ``[b, s, d]`` and the document's label logits ``[b, num_labels]``."""
+        encoded = self.model.encoder(
+            input_ids, attention_mask, inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        states = encoded.last_hidden_state
+        label_logits = self.document_classifier(masked_mean(states, attention_mask))
+        label_logits = label_logits + self.label_attention(states, attention_mask)
+        if self.lexical_scorer is not None:
+            if input_ids is None:
+                raise ValueError("This model's lexical part reads `input_ids`: pass them instead of `inputs_embeds`.")
+            label_logits = label_logits + self.lexical_scorer(input_ids).to(label_logits.dtype)
+        return LabelEncoderOutput(
+            last_hidden_state=encoded.last_hidden_state,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+            label_logits=label_logits,
+        )
+
+    def row_bias(self, encoder_outputs: Any) -> torch.Tensor:
+        """What ``forward()`` adds to every position: ``[b, decoder_vocab_size]`` (0 at pad/bos/eos)."""
+        label_logits = getattr(encoder_outputs, "label_logits", None)
+        if label_logits is None:
+            raise ValueError(
+                "This head adds the document's label logits to every step: pass `input_ids`, or `encoder_outputs` "
+                "from `model.encode(input_ids, attention_mask)` (a plain encoder output lacks them)."
+            )
+        return label_row_bias(label_logits)
+
+    def label_decoders(self) -> list[tuple[nn.Module, nn.Linear]]:
+        """The ``(decoder, lm_head)`` whose steps `GreedyLabelDecoder` runs: this model's one."""
+        return [(self.model.decoder, self.lm_head)]
+
+    @torch.no_grad()
+    def greedy_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constrained greedy decoding on a static cache (`GreedyLabelDecoder`): one encoder pass, one
+        cached decoder step per label over the small label vocabulary, rules kept as running state.
+
+        Returns:
+            ``[b, t]`` chosen tokens (labels, then EOS, then padding) and ``[b, t]`` their probabilities.
+        """
+        encoded = self.encode(input_ids, attention_mask)
+        states = encoded.last_hidden_state
+        decoder = greedy_label_decoder(self, states, self.use_cuda_graphs)
+        return decoder([states], attention_mask, [self.row_bias(encoded)])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As `LabelformerForConditionalGeneration.forward`, plus the document's extra label logits.
+
+        Returns ``logits`` ``[b, t, decoder_vocab_size]``: the decoder's, plus `row_bias` (the lexical
+        part, when the model has one) at every position; with ``labels`` ``[b, t]`` the loss is the
+        mean cross-entropy of those logits.
+        """
+        if encoder_outputs is None:
+            encoder_outputs = self.encode(
+                input_ids, attention_mask, inputs_embeds, bool(output_attentions), bool(output_hidden_states)
+            )
+        bias = self.row_bias(encoder_outputs)  # [b, v] or None
+        if labels is not None and decoder_input_ids is None and kwargs.get("decoder_inputs_embeds") is None:
+            decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+        outputs = super().forward(
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            encoder_outputs=encoder_outputs,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        if bias is not None:
+            outputs.logits = outputs.logits + bias[:, None, :].to(outputs.logits.dtype)
+        if labels is not None:
+            outputs.loss = sequence_cross_entropy(outputs.logits, labels, self.config.label_smoothing)
+        return outputs
+
+
+__all__ = [
+    "LabelAttention",
+    "LabelEncoderOutput",
+    "LabelGenerationMixin",
+    "LabelformerForMultiLabelGeneration",
+    "label_row_bias",
+]

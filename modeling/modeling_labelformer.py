@@ -506,7 +506,8 @@ class LabelformerDecoder(nn.Module):
         cache = generation_cache(cache, past_key_values)
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
-        past_length = cache.get_seq_length() if cache is not None else 0
+        # this decoder's own first layer (an ensemble's members share one cache, each with its own layers)
+        past_length = cache.get_seq_length(self.layers[0].self_attn.layer_idx) if cache is not None else 0
         hidden_states = self.embeddings(input_ids, inputs_embeds, offset=past_length)
         if attention_mask is None and past_length > 0:
             attention_mask = torch.ones(

@@ -189,21 +189,25 @@ def test_a_reused_greedy_label_decoder_keeps_no_state_between_calls():
     mask = torch.ones_like(first)
     bias = torch.zeros(4, model.config.decoder_vocab_size)
     bias[:, 5] = 50.0  # a row bias that forces label 2 first
+    no_bias = torch.zeros_like(bias)
 
     def states(batch):
         return model.model.encoder(batch, mask).last_hidden_state
 
     def fresh(batch, row_bias):
         decoder = greedy_label_decoder(model, states(batch), use_cuda_graphs=True)  # CPU: a fresh eager one
-        return decoder(states(batch), mask, row_bias)
+        return decoder([states(batch)], mask, [no_bias if row_bias is None else row_bias])
 
     with torch.no_grad():
         decoder = GreedyLabelDecoder(model, 4, 12, model.config.effective_max_labels + 1, ids.device, torch.float32,
                                      cuda_graph=False)  # fmt: skip
-        biased = decoder(states(first), mask, bias)
+        biased = decoder([states(first)], mask, [bias])
         assert (biased[0][:, 0] == 5).all()
         for batch, row_bias in ((second, None), (first, bias), (first, None)):
-            got, want = decoder(states(batch), mask, row_bias), fresh(batch, row_bias)
+            got, want = (
+                decoder([states(batch)], mask, [no_bias if row_bias is None else row_bias]),
+                fresh(batch, row_bias),
+            )
             assert torch.equal(got[0], want[0])
             torch.testing.assert_close(got[1], want[1])
-        assert not torch.equal(decoder(states(first), mask, None)[0], biased[0])
+        assert not torch.equal(decoder([states(first)], mask, [no_bias])[0], biased[0])
