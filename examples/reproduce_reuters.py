@@ -11,7 +11,10 @@ validation:
 
 - ``transformer``: the generation head of ``train_multilabel.py --preset reproduce``, nothing but its
   own layers deciding (saved in ``DIR/transformer``);
-- ``shipped``: the same model with its hybrid lexical part, scale chosen on validation (``DIR/shipped``);
+- ``shipped``: an ensemble of ``--members`` such Transformers (seeds ``--seed``, ``--seed`` + 1, ...; the
+  same split and tokenizer), whose mean probability decides, with the hybrid lexical part, scale chosen on
+  validation (``DIR/shipped``); also reported: ``ensemble`` (the members alone), ``transformer_lexical``
+  (the one Transformer with the lexical part) and each other member alone (``transformer_seed<N>``);
 - ``threshold``: the threshold head on the same recipe, with its lexical part (``DIR/threshold``);
 - ``svm``: tf-idf + one-vs-rest LinearSVC, C chosen on validation (``benchmarks/svm_baseline.py``).
 
@@ -84,7 +87,8 @@ def reload_micro_f1(folder: Path, texts: list[str], references: list[list[str]])
 
 
 #: Flags the script sets itself; in ``--extra`` they would make it read the wrong folders.
-RESERVED_FLAGS = ("--output_dir", "--head", "--train_file", "--test_file", "--overwrite_output_dir")
+RESERVED_FLAGS = ("--output_dir", "--head", "--train_file", "--test_file", "--overwrite_output_dir", "--seed",
+                  "--split_seed", "--ensemble_with")  # fmt: skip
 MODEL_FOLDERS = ("transformer", "shipped", "threshold")
 
 
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_file", help="Your own data instead of --data (jsonl/csv/... with text and labels).")
     p.add_argument("--test_file", help="With --train_file: its test split.")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--members", type=int, default=2,
+                   help="Transformers in the shipped model (1: one Transformer with the lexical part).")  # fmt: skip
     p.add_argument("--systems", nargs="+", choices=["generation", "threshold", "svm"],
                    default=["generation", "threshold", "svm"],
                    help="What to train (generation: the transformer and shipped rows).")  # fmt: skip
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="More train_multilabel.py flags, after the recipe's (e.g. --extra --epochs 8).")  # fmt: skip
     args = p.parse_args(argv)
+    if args.members < 1:
+        p.error(f"--members must be >= 1 (got {args.members}).")
     if bool(args.train_file) != bool(args.test_file):
         p.error("--train_file and --test_file go together (the rows are test-set scores).")
     reserved = [flag for flag in args.extra if flag.split("=")[0] in RESERVED_FLAGS]
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         data.update(train_file=DATA[args.data][0], test_file=DATA[args.data][1])
     data_flags = [f"--{key}={value}" for key, value in data.items() if value is not None]
     train = [sys.executable, "examples/train_multilabel.py", "--preset", "reproduce", "--num_beams", "1",
-             "--no_progress", "--seed", str(args.seed), *data_flags]  # fmt: skip
+             "--no_progress", "--split_seed", str(args.seed), *data_flags]  # fmt: skip
     if args.overwrite_output_dir:
         train.append("--overwrite_output_dir")
     start = time.time()
@@ -142,23 +150,36 @@ def main(argv: list[str] | None = None) -> int:
         results["seconds"]["total"] = round(time.time() - start, 1)
         write_json(results, out / "results.json")
 
-    for head in [system for system in args.systems if system != "svm"]:
-        folder = runs / head
-        logger.info("training the %s head (log: %s)", head, runs / f"{head}.log")
-        command = [*train, "--head", head, "--output_dir", str(folder), *args.extra]
-        results["commands"][head] = command[1:]
-        seconds = run(command, runs / f"{head}.log")
+    steps = [
+        (f"member{k}", "generation", args.seed + k)
+        for k in range(1, args.members if "generation" in args.systems else 1)
+    ]
+    steps += [(head, head, args.seed) for head in args.systems if head != "svm"]
+    for name, head, seed in steps:
+        folder = runs / name
+        logger.info("training %s (the %s head, seed %d; log: %s)", name, head, seed, runs / f"{name}.log")
+        command = [*train, "--seed", str(seed), "--head", head, "--output_dir", str(folder)]
+        if name.startswith("member"):  # the Transformer alone: its lexical part would be the ensemble's
+            command.append("--no-lexical_scorer")
+        elif head == "generation" and args.members > 1:
+            command += ["--ensemble_with", *(str(runs / f"member{k}" / "best_model") for k in range(1, args.members))]
+        command += args.extra
+        results["commands"][name] = command[1:]
+        seconds = run(command, runs / f"{name}.log")
         metrics = json.loads((folder / "test_metrics.json").read_text())
-        if head == "generation":
+        if name.startswith("member"):
+            results["rows"][f"transformer_seed{seed}"] = metrics["transformer"]
+        elif head == "generation":
             copy_model(folder / "best_model", out / "transformer")
             copy_model(folder, out / "shipped")
             results["rows"].update(transformer=metrics["transformer"], shipped=metrics["shipped"])
+            results["rows"].update({key: metrics[key] for key in ("ensemble", "transformer_lexical") if key in metrics})
         else:
             copy_model(folder, out / "threshold")
             results["rows"].update(threshold=metrics["shipped"], threshold_alone=metrics["transformer"])
-        results["seconds"][head] = seconds
+        results["seconds"][name] = seconds
         save()
-        logger.info("%s head: %s (%.0f s)", head, json.dumps({k: round(v, 4) for k, v in metrics["shipped"].items()}),
+        logger.info("%s: %s (%.0f s)", name, json.dumps({k: round(v, 4) for k, v in metrics["shipped"].items()}),
                     seconds)  # fmt: skip
     if "svm" in args.systems:
         svm_file = runs / "svm.json"

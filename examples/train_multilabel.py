@@ -65,6 +65,7 @@ from training_utils import (  # noqa: E402
 
 from modeling import (  # noqa: E402
     LabelformerConfig,
+    LabelformerEnsembleForMultiLabelGeneration,
     LabelformerForMultiLabelClassification,
     LabelformerForMultiLabelGeneration,
     LabelformerForParallelLabelGeneration,
@@ -76,6 +77,7 @@ from modeling import (  # noqa: E402
     train_tokenizer,
 )
 from modeling.data_labelformer import report_unknown_labels  # noqa: E402
+from modeling.ensemble_labelformer import check_compatible_configs  # noqa: E402
 from modeling.evaluation_labelformer import (  # noqa: E402
     METRIC_KEYS,
     atomic_directory,
@@ -188,7 +190,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     data = load_multilabel_dataset(
         train_file=args.train_file, test_file=args.test_file, dataset_name=args.dataset_name,
         text_column=args.text_column, label_column=args.label_column, label_delimiter=args.label_delimiter,
-        seed=args.seed, max_train_samples=args.max_train_samples, allow_empty_labels=args.allow_empty_labels,
+        seed=args.split_seed, max_train_samples=args.max_train_samples, allow_empty_labels=args.allow_empty_labels,
     )  # fmt: skip
     train_labels = data["train"]["labels"]
     labels = build_label_vocabulary(train_labels, allow_empty=args.allow_empty_labels)
@@ -198,11 +200,18 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
             report_unknown_labels(split_unknown_labels(data[split]["labels"], label2id)[1], split)
     saved_tokenizer = Path(args.output_dir) / "tokenizer"
     if checkpoint is None and accelerator.is_main_process:
-        tokenizer = train_tokenizer(data["train"]["text"], vocab_size=args.vocab_size, model_max_length=args.max_length)
+        if args.ensemble_with:  # the members' tokenizer: one tokenizer reads the text for every member
+            tokenizer = AutoTokenizer.from_pretrained(args.ensemble_with[0])
+        else:
+            tokenizer = train_tokenizer(
+                data["train"]["text"], vocab_size=args.vocab_size, model_max_length=args.max_length
+            )
         atomic_directory(saved_tokenizer, lambda folder: save_tokenizer(tokenizer, folder))
     accelerator.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(saved_tokenizer)
     model = build_model(args, labels, tokenizer, max(1, max(len(x) for x in train_labels)))
+    if args.ensemble_with:  # before training: a member that cannot join is found now, not after an hour
+        check_compatible_configs([model.config, *(member.config for member in load_members(args.ensemble_with))])
     logger.info(
         "%s: %d labels, %s parameters, %d train / %d validation documents, %d process(es) (%s), autocast %s",
         type(model).__name__, len(labels), f"{sum(p.numel() for p in model.parameters()):,}",
@@ -315,15 +324,31 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def with_lexical_part(model, tokenizer, data, args):
+def load_members(folders: list[str]) -> list[LabelformerForMultiLabelGeneration]:
+    """The saved generation models of ``--ensemble_with`` (a folder that holds another kind is refused)."""
+    members = []
+    for folder in folders:
+        config = LabelformerConfig.from_pretrained(folder)
+        if config.architectures != ["LabelformerForMultiLabelGeneration"]:
+            raise TrainingError(f"--ensemble_with {folder} holds {config.architectures}, not one generation-head "
+                                "Transformer: pass a run's best_model folder (the Transformer alone).")  # fmt: skip
+        members.append(LabelformerForMultiLabelGeneration.from_pretrained(folder).eval())
+    return members
+
+
+def with_lexical_part(model, tokenizer, data, args, fitted=None):
     """The best model with the hybrid part: a copy whose config has ``lexical_scorer=True``, fit on the
-    training texts with scikit-learn; its scale (and the threshold head's threshold) chosen on validation."""
+    training texts with scikit-learn (or copied from the ``fitted`` scorer of the same data); its scale (and the
+    threshold head's threshold) chosen on validation."""
     config = LabelformerConfig.from_dict({**model.config.to_dict(), "lexical_scorer": True})
     hybrid = type(model)(config)
     loaded = hybrid.load_state_dict(model.state_dict(), strict=False)
     if loaded.unexpected_keys or any(not key.startswith("lexical_scorer.") for key in loaded.missing_keys):
         raise TrainingError(f"Adding the lexical part lost weights: {loaded}.")
     hybrid = hybrid.to(model.device).eval()
+    if fitted is not None:
+        hybrid.lexical_scorer.load_state_dict(fitted.state_dict())
+        return hybrid
     encoded = tokenizer(list(data["train"]["text"]), truncation=True, max_length=args.max_length)["input_ids"]
     targets = torch.zeros(len(encoded), config.num_labels)
     for row, names in enumerate(data["train"]["labels"]):
@@ -334,25 +359,39 @@ def with_lexical_part(model, tokenizer, data, args):
 
 def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[str, Any], best_dir: Path) -> dict:
     """Calibrate the best model on validation, evaluate the Transformer alone and the shipped model on test,
-    and write the shipped model, card, metrics, table and curve to --output_dir."""
+    and write the shipped model, card, metrics, table and curve to --output_dir.
+
+    With ``--ensemble_with`` the shipped model is the ensemble of this run's Transformer and those members
+    (with the lexical part), and the test rows also hold ``ensemble`` (the members alone) and
+    ``transformer_lexical`` (this run's Transformer with the lexical part): the ensemble's measured gain."""
     out = Path(args.output_dir)
     transformer = HEADS[args.head].from_pretrained(best_dir).to(accelerator.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(best_dir)
     rows = [data["validation"][i] for i in range(len(data["validation"]))]
-    shipped, calibration = transformer, {}
+    candidates = {"transformer": transformer}  # name -> model whose test row is reported
+    if args.ensemble_with:
+        members = [transformer, *(member.to(accelerator.device) for member in load_members(args.ensemble_with))]
+        candidates["ensemble"] = LabelformerEnsembleForMultiLabelGeneration.from_members(members)
+    shipped, calibration = candidates.get("ensemble", transformer), {}
     if args.lexical_scorer and args.head != "parallel":
-        shipped = with_lexical_part(transformer, tokenizer, data, args)
+        if args.ensemble_with:
+            single = with_lexical_part(transformer, tokenizer, data, args)
+            calibration["transformer_lexical"] = calibrate_lexical_scale(single, tokenizer, rows, args.max_length)
+            candidates["transformer_lexical"] = single
+            shipped = with_lexical_part(shipped, tokenizer, data, args, fitted=single.lexical_scorer)
+        else:
+            shipped = with_lexical_part(transformer, tokenizer, data, args)
     if args.head == "threshold":
-        calibration = calibrate_threshold_head(shipped, tokenizer, rows, args.max_length)
-    elif shipped is not transformer:
-        calibration = calibrate_lexical_scale(shipped, tokenizer, rows, args.max_length)
+        calibration.update(calibrate_threshold_head(shipped, tokenizer, rows, args.max_length))
+    elif args.lexical_scorer and args.head != "parallel":
+        calibration.update(calibrate_lexical_scale(shipped, tokenizer, rows, args.max_length))
     if calibration:
         logger.info("calibration on validation: %s", calibration)
     results: dict[str, Any] = {"calibration": calibration}
     tested = "test" in data
     if tested:
         references, texts = data["test"]["labels"], data["test"]["text"]
-        for name, model in (("transformer", transformer), ("shipped", shipped)):
+        for name, model in (*candidates.items(), ("shipped", shipped)):
             predictions = predict_split(accelerator, model, tokenizer, texts, args, 1, f"test ({name})")
             results[name] = evaluate_predictions(predictions, references, labels)
         if args.head == "generation" and args.num_beams > 1:
@@ -421,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="Threshold and generation heads: add the hybrid tf-idf linear part after training.",
     )
+    g.add_argument(
+        "--ensemble_with",
+        nargs="+",
+        metavar="FOLDER",
+        help="Generation head: best_model folders of earlier runs (same data and --split_seed, another --seed) "
+        "that join this run's Transformer in the shipped model, an ensemble averaging their probabilities. This "
+        "run reads text with their tokenizer.",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch_size", type=int, help="Per process.")
@@ -429,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--average_from_epoch", type=int, help="From this epoch on, validate and keep the mean of the "
                    "weights since then (stochastic weight averaging); 0: off.")  # fmt: skip
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--split_seed", type=int, help="Seed of the train/validation split (default: --seed). Runs whose "
+                   "models form an ensemble (--ensemble_with) must share it.")  # fmt: skip
     g.add_argument("--mixed_precision", choices=["auto", "bf16", "no"], default="auto",
                    help="Training autocast; auto: bf16 where the GPU or CPU computes in bf16.")  # fmt: skip
     g = p.add_argument_group("checkpoints and output")
@@ -464,6 +513,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.average_from_epoch <= args.epochs:
         p.error(f"--average_from_epoch must be 0 (off) or an epoch up to --epochs {args.epochs} "
                 f"(got {args.average_from_epoch}).")  # fmt: skip
+    if args.split_seed is None:
+        args.split_seed = args.seed
+    if args.ensemble_with and args.head != "generation":
+        p.error(f"--ensemble_with builds an ensemble of generation heads; this run trains --head {args.head}.")
+    missing = [folder for folder in args.ensemble_with or [] if not Path(folder, "config.json").is_file()]
+    if missing:
+        p.error(f"--ensemble_with: {', '.join(missing)} holds no saved model (config.json); pass best_model folders.")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         p.error(f"--learning_rate must be a finite number > 0 (got {args.learning_rate}).")
     return args

@@ -46,7 +46,8 @@ def test_reproduction_writes_every_row_and_models_that_reload_to_their_rows(tmp_
     assert load_script().main(argv) == 0
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results["rows"]) == {"transformer", "shipped", "threshold", "threshold_alone", "svm"}
+    assert set(results["rows"]) == {"transformer", "shipped", "threshold", "threshold_alone", "svm", "ensemble",
+                                    "transformer_lexical", "transformer_seed43"}  # fmt: skip
     for name, row in results["rows"].items():
         assert set(row) >= METRICS, name
         assert all(0.0 <= row[key] <= 1.0 for key in METRICS), (name, row)
@@ -56,12 +57,19 @@ def test_reproduction_writes_every_row_and_models_that_reload_to_their_rows(tmp_
         assert results["rows"][name]["reloaded_micro_f1"] == results["rows"][name]["micro_f1"]
     assert results["seconds"]["total"] >= results["seconds"]["generation"] > 0
     assert results["recipe"][:2] == ["--preset", "reproduce"] and "tiny" in results["recipe"]
-    assert set(results["seconds"]) == {"generation", "threshold", "svm", "total"}
+    assert set(results["seconds"]) == {"member1", "generation", "threshold", "svm", "total"}
     # The Transformer alone has no lexical part; the shipped model and the threshold head carry theirs.
     configs = {name: AutoConfig.from_pretrained(out / name, trust_remote_code=True) for name in
                ("transformer", "shipped", "threshold")}  # fmt: skip
     assert not configs["transformer"].lexical_scorer
     assert configs["shipped"].lexical_scorer and configs["threshold"].lexical_scorer
+    # The shipped model holds both Transformers (seeds 42 and 43, one split, one tokenizer); the rows differ.
+    assert configs["shipped"].ensemble_size == 2 and configs["transformer"].ensemble_size == 1
+    assert configs["shipped"].architectures == ["LabelformerEnsembleForMultiLabelGeneration"]
+    member = json.loads((out / "runs" / "member1" / "training_args.json").read_text())
+    main = json.loads((out / "runs" / "generation" / "training_args.json").read_text())
+    assert (member["seed"], member["split_seed"], main["seed"], main["split_seed"]) == (43, 42, 42, 42)
+    assert main["ensemble_with"] == [str(out.resolve() / "runs" / "member1" / "best_model")]
     assert not (out / "shipped" / "test_metrics.json").exists()  # the run's records stay in runs/
     for head in ("generation", "threshold"):  # the flags after --extra won over the recipe's
         trained = json.loads((out / "runs" / head / "training_args.json").read_text())
@@ -74,7 +82,7 @@ def test_reproduction_writes_every_row_and_models_that_reload_to_their_rows(tmp_
 
 def test_reproduction_stops_with_the_failing_step_named(tmp_path: Path) -> None:
     argv = ["--output_dir", str(tmp_path), "--systems", "generation", "--extra", "--preset", "tiny", "--epochs", "0"]
-    with pytest.raises(SystemExit, match="train_multilabel.py failed.*generation.log"):
+    with pytest.raises(SystemExit, match="train_multilabel.py failed.*member1.log"):  # the first member
         load_script().main(argv)
 
 
