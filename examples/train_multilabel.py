@@ -198,6 +198,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     for split in ("validation", "test"):
         if split in data:
             report_unknown_labels(split_unknown_labels(data[split]["labels"], label2id)[1], split)
+    members = load_members(args.ensemble_with) if args.ensemble_with else []
     saved_tokenizer = Path(args.output_dir) / "tokenizer"
     if checkpoint is None and accelerator.is_main_process:
         if args.ensemble_with:  # the members' tokenizer: one tokenizer reads the text for every member
@@ -210,8 +211,8 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(saved_tokenizer)
     model = build_model(args, labels, tokenizer, max(1, max(len(x) for x in train_labels)))
-    if args.ensemble_with:  # before training: a member that cannot join is found now, not after an hour
-        check_compatible_configs([model.config, *(member.config for member in load_members(args.ensemble_with))])
+    if members:  # before training: a member that cannot join is found now, not after an hour
+        check_compatible_configs([model.config, *(member.config for member in members)])
     logger.info(
         "%s: %d labels, %s parameters, %d train / %d validation documents, %d process(es) (%s), autocast %s",
         type(model).__name__, len(labels), f"{sum(p.numel() for p in model.parameters()):,}",

@@ -41,10 +41,12 @@ from .generation_labelformer import (
 from .modeling_labelformer import LabelformerPreTrainedModel, sequence_cross_entropy, shift_tokens_right
 from .prediction_labelformer import MultiLabelPredictionMixin, lexical_scorer_of
 
-#: Config fields members may differ in (they do not shape the weights nor the decision).
-MEMBER_FREE_FIELDS = frozenset({"architectures", "auto_map", "custom_pipelines", "_name_or_path",
-                                "transformers_version", "lexical_scorer", "ensemble_size", "dtype",
-                                "torch_dtype"})  # fmt: skip
+#: Config fields members may differ in: bookkeeping, and training-only settings that do not shape an answer.
+MEMBER_FREE_FIELDS = frozenset({
+    "architectures", "auto_map", "custom_pipelines", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
+    "lexical_scorer", "ensemble_size", "init_std", "dropout", "attention_dropout", "activation_dropout",
+    "label_smoothing", "label_order",
+})  # fmt: skip
 
 
 @dataclass

@@ -8,7 +8,11 @@ import threading
 import pytest
 import torch
 
-from modeling import LabelformerForMultiLabelClassification, LabelformerForMultiLabelGeneration
+from modeling import (
+    LabelformerEnsembleForMultiLabelGeneration,
+    LabelformerForMultiLabelClassification,
+    LabelformerForMultiLabelGeneration,
+)
 from modeling.lexical_labelformer import fit_lexical_scorer
 from tests.synthetic import LABELS, synthetic_batch, synthetic_config
 
@@ -22,12 +26,31 @@ def _with_lexical(model, ids: torch.Tensor, label_sets: list[list[str]], scale: 
     return model
 
 
-@pytest.fixture(params=[False, True], ids=["transformer", "with_lexical"])
+def _ensemble(lexical: bool) -> LabelformerEnsembleForMultiLabelGeneration:
+    """Two differently initialised members (and, with ``lexical``, a room for the ensemble's lexical part)."""
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(LabelformerForMultiLabelGeneration(synthetic_config(init_std=0.1)).eval())
+    model = LabelformerEnsembleForMultiLabelGeneration.from_members(members)
+    if lexical:
+        config = model.config.from_dict({**model.config.to_dict(), "lexical_scorer": True})
+        hybrid = LabelformerEnsembleForMultiLabelGeneration(config)
+        hybrid.load_state_dict(model.state_dict(), strict=False)
+        model = hybrid.eval()
+    return model
+
+
+@pytest.fixture(params=["transformer", "with_lexical", "ensemble", "ensemble_with_lexical"])
 def generator(request):
-    torch.manual_seed(0)
-    model = LabelformerForMultiLabelGeneration(synthetic_config(lexical_scorer=request.param)).eval()
+    lexical = request.param.endswith("with_lexical")
+    if request.param.startswith("ensemble"):
+        model = _ensemble(lexical)
+    else:
+        torch.manual_seed(0)
+        model = LabelformerForMultiLabelGeneration(synthetic_config(lexical_scorer=lexical)).eval()
     ids, label_sets = synthetic_batch(64, 12, torch.Generator().manual_seed(1))
-    if request.param:
+    if lexical:
         _with_lexical(model, ids, label_sets)
     return model
 
@@ -122,7 +145,7 @@ def test_concurrent_calls_are_safe(generator, tmp_path):
     assert not errors, errors[:3]
     assert generator.config.to_dict() == config_before
     generator.save_pretrained(tmp_path)
-    reloaded = LabelformerForMultiLabelGeneration.from_pretrained(tmp_path).eval()
+    reloaded = type(generator).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         for beams in (1, 3):
             again = reloaded.predict_batch(ids, mask, beams)

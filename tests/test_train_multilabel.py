@@ -114,11 +114,18 @@ def losses(history: list[dict]) -> list[tuple[int, float]]:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["generation", "threshold", "parallel"])
+@pytest.fixture(scope="module", params=["generation", "threshold", "parallel", "ensemble"])
 def trained(request, tmp_path_factory, data_files):
-    """One real run per head (the script trains its own tokenizer): ``(head, output folder, process)``."""
+    """One real run per head (the script trains its own tokenizer): ``(head, output folder, process)``. The
+    ``ensemble`` run is a generation run whose shipped model also holds an earlier run's Transformer."""
     out = tmp_path_factory.mktemp(request.param) / "run"
-    proc = run([*TINY, *data_args(data_files), "--head", request.param, "--output_dir", str(out)])
+    flags = ["--head", request.param]
+    if request.param == "ensemble":
+        member = out.parent / "member"
+        run([*TINY, *data_args(data_files), "--seed", "7", "--split_seed", "42", "--no-lexical_scorer",
+             "--output_dir", str(member)])  # fmt: skip
+        flags = ["--ensemble_with", str(member / "best_model")]
+    proc = run([*TINY, *data_args(data_files), *flags, "--output_dir", str(out)])
     return request.param, out, proc
 
 
@@ -157,7 +164,16 @@ def test_training_writes_model_metrics_and_card(trained):
         assert weights["lexical_scorer.idf"].count_nonzero() > 50 and weights["lexical_scorer.weight"].any()
         assert float(weights["lexical_scorer.scale"]) == calibration["lexical_scale"]
         assert "lexical_scorer.idf" not in load_file(out / "best_model" / "model.safetensors")
-    if head == "generation":
+    if head == "ensemble":  # two Transformers on one tokenizer; the ensemble's gain is measured beside them
+        assert config["architectures"] == ["LabelformerEnsembleForMultiLabelGeneration"]
+        assert config["ensemble_size"] == 2
+        member = out.parent / "member" / "best_model"
+        assert (out / "tokenizer.json").read_text() == (member / "tokenizer.json").read_text()
+        assert set(results["ensemble"]) == set(results["transformer_lexical"]) == METRICS
+        single = calibration.pop("transformer_lexical")
+        assert set(single) == {"lexical_scale", "validation_micro_f1", "transformer_validation_micro_f1"}
+        assert json.loads((out / "training_args.json").read_text())["ensemble_with"] == [str(member)]
+    if head in ("generation", "ensemble"):
         assert set(calibration) == {"lexical_scale", "validation_micro_f1", "transformer_validation_micro_f1"}
         assert calibration["validation_micro_f1"] >= calibration["transformer_validation_micro_f1"]
         assert results["shipped_beam"]["num_beams"] == 3 and set(results["shipped_beam"]) == METRICS | {"num_beams"}
@@ -370,6 +386,8 @@ def test_presets_fill_in_what_the_flags_leave_open(script):
         (["--label_order", "length"], "--label_order: invalid choice"),
         (["--encoder_lr_scale", "0.1"], "unrecognized arguments: --encoder_lr_scale"),  # removed flags
         (["--lexical_stacking", "2"], "unrecognized arguments: --lexical_stacking"),
+        (["--ensemble_with", "nowhere"], "nowhere holds no saved model"),
+        (["--head", "threshold", "--ensemble_with", "x"], "--ensemble_with builds an ensemble of generation heads"),
     ],
 )
 def test_bad_flags_are_argparse_errors_naming_the_flag(script, capsys, flags, message):
@@ -409,6 +427,26 @@ def test_bad_input_gives_clear_errors(script, capsys, tmp_path, data_files):
     (full / "something.txt").write_text("keep me")
     assert script.main([*TINY, *data, "--output_dir", str(full)]) == 2
     assert "is not empty" in capsys.readouterr().err and (full / "something.txt").read_text() == "keep me"
+
+
+def test_an_ensemble_member_that_does_not_fit_is_refused_before_training(script, capsys, tmp_path, data_files):
+    from modeling import LabelformerForMultiLabelGeneration, train_tokenizer
+    from tests.synthetic import synthetic_config
+
+    member = tmp_path / "member"
+    LabelformerForMultiLabelGeneration(synthetic_config()).save_pretrained(member)  # other labels and shape
+    train_tokenizer(["some text"] * 20, vocab_size=100, model_max_length=32).save_pretrained(member)
+    out = tmp_path / "out"
+    assert script.main([*TINY, *data_args(data_files), "--ensemble_with", str(member), "--output_dir", str(out)]) == 2
+    assert "differs from member 0" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()  # no training ran
+    threshold_folder = tmp_path / "threshold"
+    config = json.loads((member / "config.json").read_text())
+    threshold_folder.mkdir()
+    (threshold_folder / "config.json").write_text(json.dumps({**config, "architectures": ["LabelformerModel"]}))
+    assert script.main([*TINY, *data_args(data_files), "--ensemble_with", str(threshold_folder),
+                        "--output_dir", str(tmp_path / "out2")]) == 2  # fmt: skip
+    assert "not one generation-head Transformer" in capsys.readouterr().err
 
 
 def test_atomic_directory_keeps_the_old_copy_when_a_write_fails(tmp_path):
