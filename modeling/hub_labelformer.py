@@ -238,6 +238,11 @@ def build_model_card(
     )
     labels = [config.id2label[i] for i in range(config.num_labels)]
     architecture = {
+        "Transformers in the model": (
+            f"{config.ensemble_size} (trained separately; their mean probability decides)"
+            if config.ensemble_size > 1
+            else 1
+        ),
         "d_model": config.d_model,
         "encoder / decoder layers": f"{config.encoder_layers} / {config.decoder_layers}",
         "attention heads": config.encoder_attention_heads,

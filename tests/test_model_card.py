@@ -116,3 +116,14 @@ def test_a_hub_data_set_is_named_in_the_metadata_and_old_runs_are_not_called_reu
     assert training_data_of(tmp_path / "empty").name == "(not recorded)"
     card = build_model_card(model)
     assert "reuters" not in card.text.lower() and card.data.to_dict()["license"] == "unknown"
+
+
+def test_the_card_says_how_many_transformers_decide():
+    from modeling import LabelformerEnsembleForMultiLabelGeneration
+
+    members = [LabelformerForMultiLabelGeneration(synthetic_config()).eval() for _ in range(3)]
+    ensemble = LabelformerEnsembleForMultiLabelGeneration.from_members(members)
+    assert "| Transformers in the model | 3 (trained separately; their mean probability decides) |" in (
+        build_model_card(ensemble).text
+    )
+    assert "| Transformers in the model | 1 |" in build_model_card(members[0]).text
