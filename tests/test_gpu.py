@@ -11,7 +11,11 @@ import importlib.util
 import pytest
 import torch
 
-from modeling import LabelformerForConditionalGeneration, LabelformerForMultiLabelGeneration
+from modeling import (
+    LabelformerEnsembleForMultiLabelGeneration,
+    LabelformerForConditionalGeneration,
+    LabelformerForMultiLabelGeneration,
+)
 from modeling.parallel_labelformer import LabelformerForParallelLabelGeneration
 
 from .conftest import tiny_config
@@ -158,6 +162,36 @@ def test_cuda_graph_decoding_matches_eager_decoding(dtype, backend):
         plain = model.greedy_labels(ids, mask)
     assert_same_decoding(graphed, plain)
     assert (graphed[0][:, 0] == config.label2id[LABELS[0]] + 3).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ensemble_decoding_on_cuda_matches_its_generic_loop_and_graphs(dtype):
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(LabelformerForMultiLabelGeneration(synthetic_config(max_labels=5, init_std=0.1)).eval())
+    ensemble = LabelformerEnsembleForMultiLabelGeneration.from_members(members).to(CUDA, dtype)
+    ids, _ = synthetic_batch(8, 16, torch.Generator().manual_seed(0))
+    ids = ids.to(CUDA)
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    with torch.no_grad():
+        for _ in range(2):  # capture, then replay
+            ensemble.use_cuda_graphs = True
+            graphed = ensemble.greedy_labels(ids, mask)
+            ensemble.use_cuda_graphs = False
+            plain = ensemble.greedy_labels(ids, mask)
+            assert_same_decoding(graphed, plain)
+        if dtype != torch.float32:  # bf16 rounding may break near-ties between the loops; graphs are checked
+            return
+        ensemble.fast_greedy_generate = False
+        for beams in (1, 3):
+            generic = ensemble.generate(input_ids=ids, attention_mask=mask, num_beams=beams)
+            uncached = ensemble.generate(input_ids=ids, attention_mask=mask, num_beams=beams, use_cache=False)
+            assert ensemble.decode_labels(generic) == ensemble.decode_labels(uncached)
+        assert ensemble.decode_labels(plain[0]) == ensemble.decode_labels(
+            ensemble.generate(input_ids=ids, attention_mask=mask, num_beams=1)
+        )
 
 
 def assert_same_decoding(graphed, plain) -> None:
