@@ -13,6 +13,9 @@
 #   - after training, the optional hybrid part (`--lexical_scorer`, on by default): a tf-idf linear
 #     model fit with scikit-learn whose scale is chosen on validation and which the model's own
 #     forward() then adds to its label logits; the threshold head's threshold is folded into its bias;
+#   - optionally (`--ensemble_with`), several Transformers in the shipped model: earlier runs' best
+#     models (same split and tokenizer, other seeds) join this run's in one ensemble model whose
+#     forward() averages their probabilities;
 #   - the saved model, tokenizer, model card, metrics (the Transformer alone and the shipped model).
 #
 # Run on the embedded Reuters-21578 data, on 2 CPU cores in under 10 minutes:
