@@ -637,6 +637,12 @@ class LabelformerModel(LabelformerPreTrainedModel):
     """The bare encoder-decoder; returns the decoder's last hidden states (`Seq2SeqModelOutput`)."""
 
     def __init__(self, config: LabelformerConfig) -> None:
+        if config.ensemble_size != 1:
+            raise ValueError(
+                f"This config describes an ensemble of {config.ensemble_size} Transformers: load it with "
+                "AutoModelForSeq2SeqLM (LabelformerEnsembleForMultiLabelGeneration); member k's encoder-decoder is "
+                "model.member(k).model."
+            )
         super().__init__(config)
         encoder_embed = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
         decoder_embed = (

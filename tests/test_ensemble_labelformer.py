@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForSeq2SeqLM, pipeline
+from transformers import AutoModel, AutoModelForSeq2SeqLM, pipeline
 
 from configuration import LabelformerConfig
 from modeling import LabelformerEnsembleForMultiLabelGeneration, LabelformerForMultiLabelGeneration
@@ -102,6 +102,8 @@ def test_saved_folder_loads_through_the_auto_class_and_answers_the_same(tmp_path
             for g, w in zip(got, want):
                 assert list(g.values()) == pytest.approx(list(w.values()), abs=1e-6)
     assert reloaded.config.ensemble_size == 2 and reloaded.config.lexical_scorer
+    with pytest.raises(ValueError, match="ensemble of 2 Transformers: load it with AutoModelForSeq2SeqLM"):
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True)  # no one bare encoder-decoder to give
 
 
 def test_pipeline_and_generate_agree_with_predict_labels(tmp_path):
