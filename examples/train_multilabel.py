@@ -134,9 +134,9 @@ WARMUP_RATIO = 0.05
 SHOW_EXAMPLES = 5  # test predictions printed at the end
 
 
-def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labels_seen: int):
-    """The head of ``--head``; ``max_labels`` defaults to the most labels a training document has."""
-    config = LabelformerConfig.from_labels(
+def build_config(args: argparse.Namespace, labels: list[str], tokenizer, max_labels_seen: int) -> LabelformerConfig:
+    """The model's config; ``max_labels`` defaults to the most labels a training document has."""
+    return LabelformerConfig.from_labels(
         labels,
         vocab_size=len(tokenizer),
         d_model=args.d_model,
@@ -154,7 +154,6 @@ def build_model(args: argparse.Namespace, labels: list[str], tokenizer, max_labe
         max_labels=args.max_labels or max_labels_seen,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),  # predict_labels refuses any other tokenizer
     )
-    return HEADS[args.head](config)
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -201,7 +200,10 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     for split in ("validation", "test"):
         if split in data:
             report_unknown_labels(split_unknown_labels(data[split]["labels"], label2id)[1], split)
-    members = load_members(args.ensemble_with) if args.ensemble_with else []
+    max_labels_seen = max(1, max(len(x) for x in train_labels))
+    if args.ensemble_with:  # before anything is written: a member that cannot join is found now, not after an hour
+        check_members(args, build_config(args, labels, AutoTokenizer.from_pretrained(args.ensemble_with[0]),
+                                         max_labels_seen))  # fmt: skip
     saved_tokenizer = Path(args.output_dir) / "tokenizer"
     if checkpoint is None and accelerator.is_main_process:
         if args.ensemble_with:  # the members' tokenizer: one tokenizer reads the text for every member
@@ -213,9 +215,7 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         atomic_directory(saved_tokenizer, lambda folder: save_tokenizer(tokenizer, folder))
     accelerator.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(saved_tokenizer)
-    model = build_model(args, labels, tokenizer, max(1, max(len(x) for x in train_labels)))
-    if members:  # before training: a member that cannot join is found now, not after an hour
-        check_compatible_configs([model.config, *(member.config for member in members)])
+    model = HEADS[args.head](build_config(args, labels, tokenizer, max_labels_seen))
     logger.info(
         "%s: %d labels, %s parameters, %d train / %d validation documents, %d process(es) (%s), autocast %s",
         type(model).__name__, len(labels), f"{sum(p.numel() for p in model.parameters()):,}",
@@ -328,16 +328,43 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def load_members(folders: list[str]) -> list[LabelformerForMultiLabelGeneration]:
-    """The saved generation models of ``--ensemble_with`` (a folder that holds another kind is refused)."""
-    members = []
-    for folder in folders:
-        config = LabelformerConfig.from_pretrained(folder)
-        if config.architectures != ["LabelformerForMultiLabelGeneration"]:
-            raise TrainingError(f"--ensemble_with {folder} holds {config.architectures}, not one generation-head "
+#: Flags of a member's run that must equal this run's: the members saw the same training documents.
+SAME_DATA_FLAGS = ("split_seed", "train_file", "dataset_name", "text_column", "label_column", "label_delimiter",
+                   "max_train_samples", "allow_empty_labels")  # fmt: skip
+
+
+def check_members(args: argparse.Namespace, config: LabelformerConfig) -> None:
+    """Refuse an ``--ensemble_with`` folder that is not one generation-head Transformer, whose config cannot join
+    ``config`` (this run's), or whose run (its ``training_args.json`` beside ``best_model``) split other data."""
+    configs = []
+    for folder in args.ensemble_with:
+        member = LabelformerConfig.from_pretrained(folder)
+        if member.architectures != ["LabelformerForMultiLabelGeneration"]:
+            raise TrainingError(f"--ensemble_with {folder} holds {member.architectures}, not one generation-head "
                                 "Transformer: pass a run's best_model folder (the Transformer alone).")  # fmt: skip
-        members.append(LabelformerForMultiLabelGeneration.from_pretrained(folder).eval())
-    return members
+        configs.append(member)
+        record = Path(folder).parent / "training_args.json"
+        if not record.is_file():
+            logger.warning("--ensemble_with %s: no training_args.json beside it, so its training split is not "
+                           "checked; it must not have trained on this run's validation documents", folder)  # fmt: skip
+            continue
+        saved = json.loads(record.read_text())
+        saved.setdefault("split_seed", saved.get("seed"))
+        differ = [f"--{k} {saved.get(k)!r} (this run: {getattr(args, k)!r})" for k in SAME_DATA_FLAGS
+                  if saved.get(k) != getattr(args, k)]  # fmt: skip
+        if differ:
+            raise TrainingError(f"--ensemble_with {folder} was trained on other data: {', '.join(differ)}. Members "
+                                "must share the data and --split_seed (else one trained on the other's validation "
+                                "documents).")  # fmt: skip
+    try:
+        check_compatible_configs([config, *configs])
+    except ValueError as error:
+        raise TrainingError(f"--ensemble_with: {error}") from error
+
+
+def load_members(folders: list[str]) -> list[LabelformerForMultiLabelGeneration]:
+    """The saved generation models of ``--ensemble_with``, in eval mode."""
+    return [LabelformerForMultiLabelGeneration.from_pretrained(folder).eval() for folder in folders]
 
 
 def with_lexical_part(model, tokenizer, data, args, fitted=None):
@@ -367,7 +394,9 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
 
     With ``--ensemble_with`` the shipped model is the ensemble of this run's Transformer and those members
     (with the lexical part), and the test rows also hold ``ensemble`` (the members alone) and
-    ``transformer_lexical`` (this run's Transformer with the lexical part): the ensemble's measured gain."""
+    ``transformer_lexical`` (this run's Transformer with the lexical part): the ensemble's measured gain.
+    ``calibration`` then holds ``transformer_lexical`` (that model's scale) and, for the shipped model,
+    ``ensemble_validation_micro_f1`` (scale 0) in place of ``transformer_validation_micro_f1``."""
     out = Path(args.output_dir)
     transformer = HEADS[args.head].from_pretrained(best_dir).to(accelerator.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(best_dir)
@@ -389,6 +418,8 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
         calibration.update(calibrate_threshold_head(shipped, tokenizer, rows, args.max_length))
     elif args.lexical_scorer and args.head != "parallel":
         calibration.update(calibrate_lexical_scale(shipped, tokenizer, rows, args.max_length))
+        if args.ensemble_with:  # scale 0 is the ensemble alone, not this run's Transformer
+            calibration["ensemble_validation_micro_f1"] = calibration.pop("transformer_validation_micro_f1")
     if calibration:
         logger.info("calibration on validation: %s", calibration)
     results: dict[str, Any] = {"calibration": calibration}
@@ -411,6 +442,12 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
         best = next((h for h in state["history"] if h.get("epoch") == state["best_epoch"]), {})
         if best.get("averaged_from"):
             training_args["weights"] = f"mean of epochs {best['averaged_from']} to {state['best_epoch']}"
+        if args.ensemble_with:  # the other members' seeds, from their runs' records
+            seeds = []
+            for folder in args.ensemble_with:
+                record = Path(folder).parent / "training_args.json"
+                seeds.append(str(json.loads(record.read_text()).get("seed")) if record.is_file() else "not recorded")
+            training_args["ensemble"] = f"this run's Transformer and {len(seeds)} more (seeds {', '.join(seeds)})"
         train_labels = data["train"]["labels"]
         training_data = describe_training_data(
             train_file=args.train_file, dataset_name=args.dataset_name, dataset_license=args.dataset_license,
@@ -521,9 +558,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.split_seed = args.seed
     if args.ensemble_with and args.head != "generation":
         p.error(f"--ensemble_with builds an ensemble of generation heads; this run trains --head {args.head}.")
-    missing = [folder for folder in args.ensemble_with or [] if not Path(folder, "config.json").is_file()]
+    missing = [folder for folder in args.ensemble_with or [] if not Path(folder, "config.json").is_file()
+               or not Path(folder, "tokenizer.json").is_file()]  # fmt: skip
     if missing:
-        p.error(f"--ensemble_with: {', '.join(missing)} holds no saved model (config.json); pass best_model folders.")
+        p.error(f"--ensemble_with: {', '.join(missing)} holds no saved model with its tokenizer (config.json, "
+                "tokenizer.json); pass runs' best_model folders.")  # fmt: skip
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         p.error(f"--learning_rate must be a finite number > 0 (got {args.learning_rate}).")
     return args

@@ -245,6 +245,7 @@ def verify_checkpoint(checkpoint: Path, args: argparse.Namespace, num_processes:
     saved_args = checkpoint / "training_args.json"
     if saved_args.is_file():
         saved = json.loads(saved_args.read_text())
+        saved.setdefault("split_seed", saved.get("seed"))  # runs before --split_seed split by --seed
         changed = sorted(
             k for k, v in vars(args).items() if k in saved and saved[k] != v and k not in RESUMABLE_CHANGES
         )

@@ -45,7 +45,7 @@ from .prediction_labelformer import MultiLabelPredictionMixin, lexical_scorer_of
 MEMBER_FREE_FIELDS = frozenset({
     "architectures", "auto_map", "custom_pipelines", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
     "lexical_scorer", "ensemble_size", "init_std", "dropout", "attention_dropout", "activation_dropout",
-    "label_smoothing", "label_order",
+    "label_smoothing",
 })  # fmt: skip
 
 
@@ -83,6 +83,7 @@ class LabelformerEnsembleForMultiLabelGeneration(
     """
 
     base_model_prefix = "members"
+    holds_ensemble = True
     _no_split_modules = ["LabelformerEncoderLayer", "LabelformerDecoderLayer"]
 
     def __init__(self, config: LabelformerConfig) -> None:
@@ -93,6 +94,7 @@ class LabelformerEnsembleForMultiLabelGeneration(
             )
         super().__init__(config)
         single = member_config(config)
+        single._attn_implementation = config._attn_implementation  # the backend asked for runs in every member
         self.members = nn.ModuleList(LabelformerForMultiLabelGeneration(single) for _ in range(config.ensemble_size))
         # One generation cache holds every member's decoder layers: member k's are layers k * L ... k * L + L - 1.
         for k, member in enumerate(self.members):
@@ -213,6 +215,11 @@ class LabelformerEnsembleForMultiLabelGeneration(
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
         """`GenerationMixin`'s, except that a cache it makes has room for every member's decoder layers."""
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                "An ensemble decodes with a dynamic cache; cache_implementation="
+                f"{generation_config.cache_implementation!r} is not supported (leave it unset)."
+            )
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get(CACHE_OUTPUT_FIELD)
         if isinstance(cache, EncoderDecoderCache) and not getattr(cache, "_is_user_defined", False):
@@ -234,7 +241,14 @@ class LabelformerEnsembleForMultiLabelGeneration(
     ) -> Seq2SeqLMOutput:
         """``[b, s]`` ids (or ``encoder_outputs`` from `encode`) and ``[b, t]`` decoder ids -> ``logits``
         ``[b, t, decoder_vocab_size]``: log of the members' mean probability plus the lexical logits; with
-        ``labels`` ``[b, t]`` the ``loss`` is their mean cross-entropy."""
+        ``labels`` ``[b, t]`` the ``loss`` is the cross-entropy of those combined logits."""
+        unsupported = ("output_attentions", "output_hidden_states", "decoder_inputs_embeds")
+        asked = [name for name in unsupported if kwargs.get(name) is not None and kwargs.get(name) is not False]
+        if asked or kwargs.get("return_dict") is False:
+            raise ValueError(
+                "An ensemble returns a `Seq2SeqLMOutput` of logits (and loss, cache) only; "
+                f"{asked or ['return_dict=False']} is not supported: ask a member, model.member(k)(...)."
+            )
         if encoder_outputs is None:
             encoder_outputs = self.encode(input_ids, attention_mask)
         if labels is not None and decoder_input_ids is None:
@@ -243,11 +257,8 @@ class LabelformerEnsembleForMultiLabelGeneration(
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = self.new_cache()
-        member_logits: list[torch.Tensor] = [None] * len(self.members)  # type: ignore[list-item]
-        # Last member first: a decoder sizes its attention mask by the cache's layer 0 (member 0's), which must
-        # not hold this step's keys yet while the other members run.
-        for index in reversed(range(len(self.members))):
-            member_logits[index] = self.members[index](
+        member_logits = [
+            member(
                 attention_mask=attention_mask,
                 decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask,
@@ -255,6 +266,8 @@ class LabelformerEnsembleForMultiLabelGeneration(
                 cache=cache,
                 use_cache=use_cache,
             ).logits
+            for index, member in enumerate(self.members)
+        ]
         logits = ensemble_log_probs([member.float() for member in member_logits])
         if encoder_outputs.lexical_logits is not None:
             logits = logits + label_row_bias(encoder_outputs.lexical_logits)[:, None, :]

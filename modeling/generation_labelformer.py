@@ -219,11 +219,6 @@ class LabelformerForMultiLabelGeneration(
                 f"labels needs {config.num_labels + NUM_SPECIAL_DECODER_TOKENS} (labels + pad/bos/eos). Build the "
                 "config with LabelformerConfig.from_labels(labels, ...)."
             )
-        if config.ensemble_size != 1:
-            raise ValueError(
-                f"This config describes an ensemble of {config.ensemble_size} Transformers: load it with "
-                "LabelformerEnsembleForMultiLabelGeneration (AutoModelForSeq2SeqLM does, from its saved folder)."
-            )
         super().__init__(config)
         #: Label logits of the whole document (masked mean of the encoder states), added at every decoding
         #: step: the decoder then learns what to add to a bag-of-states classifier (which labels are

@@ -291,6 +291,7 @@ def _head_class(model_dir: Path) -> type:
     import json
 
     from .classification_labelformer import LabelformerForMultiLabelClassification
+    from .ensemble_labelformer import LabelformerEnsembleForMultiLabelGeneration
     from .generation_labelformer import LabelformerForMultiLabelGeneration
     from .modeling_labelformer import LabelformerForConditionalGeneration, LabelformerModel
     from .parallel_labelformer import LabelformerForParallelLabelGeneration
@@ -299,6 +300,7 @@ def _head_class(model_dir: Path) -> type:
         cls.__name__: cls
         for cls in (
             LabelformerForMultiLabelGeneration,
+            LabelformerEnsembleForMultiLabelGeneration,
             LabelformerForMultiLabelClassification,
             LabelformerForParallelLabelGeneration,
             LabelformerForConditionalGeneration,

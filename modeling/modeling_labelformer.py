@@ -506,8 +506,9 @@ class LabelformerDecoder(nn.Module):
         cache = generation_cache(cache, past_key_values)
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
-        # this decoder's own first layer (an ensemble's members share one cache, each with its own layers)
-        past_length = cache.get_seq_length(self.layers[0].self_attn.layer_idx) if cache is not None else 0
+        # sized by this decoder's own first layer (an ensemble's members share one cache, each with its own layers)
+        first_layer = self.layers[0].self_attn.layer_idx
+        past_length = cache.get_seq_length(first_layer) if cache is not None else 0
         hidden_states = self.embeddings(input_ids, inputs_embeds, offset=past_length)
         if attention_mask is None and past_length > 0:
             attention_mask = torch.ones(
@@ -516,8 +517,9 @@ class LabelformerDecoder(nn.Module):
         if self.causal:
             # The cache is positional: its keyword is `past_key_values` before 5.24 and `cache` after.
             self_mask = create_causal_mask(
-                self.config, hidden_states, attention_mask, cache.self_attention_cache if cache is not None else None
-            )
+                self.config, hidden_states, attention_mask, cache.self_attention_cache if cache is not None else None,
+                layer_idx=first_layer,
+            )  # fmt: skip
         else:
             self_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
@@ -566,6 +568,16 @@ class LabelformerPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     _can_compile_fullgraph = False
     # Trainer must not pass `num_items_in_batch`: our losses are means over the batch's tokens.
     accepts_loss_kwargs = False
+    #: Whether this class holds ``config.ensemble_size`` Transformers (every other class holds one).
+    holds_ensemble = False
+
+    def __init__(self, config: LabelformerConfig, *args: Any, **kwargs: Any) -> None:
+        if config.ensemble_size != 1 and not self.holds_ensemble:
+            raise ValueError(
+                f"This config describes an ensemble of {config.ensemble_size} Transformers: load it with "
+                "AutoModelForSeq2SeqLM (LabelformerEnsembleForMultiLabelGeneration); member k alone is model.member(k)."
+            )
+        super().__init__(config, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -637,12 +649,6 @@ class LabelformerModel(LabelformerPreTrainedModel):
     """The bare encoder-decoder; returns the decoder's last hidden states (`Seq2SeqModelOutput`)."""
 
     def __init__(self, config: LabelformerConfig) -> None:
-        if config.ensemble_size != 1:
-            raise ValueError(
-                f"This config describes an ensemble of {config.ensemble_size} Transformers: load it with "
-                "AutoModelForSeq2SeqLM (LabelformerEnsembleForMultiLabelGeneration); member k's encoder-decoder is "
-                "model.member(k).model."
-            )
         super().__init__(config)
         encoder_embed = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
         decoder_embed = (

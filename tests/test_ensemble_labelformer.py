@@ -131,7 +131,7 @@ def test_pipeline_and_generate_agree_with_predict_labels(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [({"d_model": 32, "encoder_ffn_dim": 64}, "d_model"), ({"tokenizer_fingerprint": "other"}, "tokenizer_fingerprint"),
-     ({"max_labels": 2}, "max_labels")],
+     ({"max_labels": 2}, "max_labels"), ({"label_order": "alphabetical"}, "label_order")],
 )  # fmt: skip
 def test_members_that_cannot_share_a_decision_are_refused(overrides, field):
     first = _members(1)[0]
@@ -159,9 +159,29 @@ def test_other_labels_or_heads_or_sizes_are_refused():
         LabelformerForMultiLabelGeneration(ensemble.config)
     with pytest.raises(ValueError, match="ensemble_size"):
         synthetic_config(ensemble_size=0)
+    from modeling import LabelformerForMultiLabelClassification
+
+    with pytest.raises(ValueError, match="ensemble of 2 Transformers"):
+        LabelformerForMultiLabelClassification(ensemble.config)
     ids, mask, _ = _batch()
     with pytest.raises(ValueError, match="inputs_embeds"):
         ensemble(inputs_embeds=torch.zeros(2, 4, 64), decoder_input_ids=torch.ones(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\['output_attentions'\] is not supported"):
+        ensemble(input_ids=ids, decoder_input_ids=ids[:, :1], output_attentions=True)
+    with pytest.raises(ValueError, match="cache_implementation='static' is not supported"):
+        ensemble.generate(input_ids=ids, attention_mask=mask, num_beams=2, cache_implementation="static")
+
+
+def test_the_attention_backend_asked_for_runs_in_every_member(tmp_path):
+    members = _members(2)
+    for member in members:
+        member.config._attn_implementation = "eager"
+    ensemble = LabelformerEnsembleForMultiLabelGeneration.from_members(members)
+    assert [m.config._attn_implementation for m in ensemble.members] == ["eager", "eager"]
+    ensemble.save_pretrained(tmp_path)
+    for backend in ("eager", "sdpa"):
+        reloaded = LabelformerEnsembleForMultiLabelGeneration.from_pretrained(tmp_path, attn_implementation=backend)
+        assert {m.config._attn_implementation for m in reloaded.members} == {backend}
 
 
 def test_int8_copy_quantizes_every_member():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -187,6 +188,21 @@ def test_push_to_hub_example_dry_run_writes_the_folder(trained_dir, tmp_path):
     assert code_warning((target / "README.md").read_text()) == {p.name for p in target.glob("*.py")}
     assert main(["--model_dir", str(tmp_path / "missing"), "--repo_id", "someone/x", "--dry_run", str(target)]) == 2
     assert prepare_hub_folder(trained_dir, tmp_path / "again") == tmp_path / "again"
+
+
+def test_an_ensemble_folder_is_prepared_for_the_hub(trained_dir, tmp_path):
+    from modeling import LabelformerEnsembleForMultiLabelGeneration, LabelformerForMultiLabelGeneration
+
+    member = LabelformerForMultiLabelGeneration.from_pretrained(trained_dir)
+    ensemble = LabelformerEnsembleForMultiLabelGeneration.from_members([member, member])
+    folder = tmp_path / "ensemble"
+    ensemble.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "test_metrics.json", "training_args.json"):
+        shutil.copy(trained_dir / name, folder / name)
+    target = prepare_hub_folder(folder, tmp_path / "hub")
+    card = (target / "README.md").read_text()
+    assert "LabelformerEnsembleForMultiLabelGeneration" in card and "| Transformers in the model | 2 " in card
+    assert "ensemble_labelformer.py" in code_warning(card)
 
 
 def test_pipeline_in_process(trained_dir):

@@ -156,6 +156,18 @@ def test_resume_refuses_changed_flags(script, stopped_run, capsys):
     assert "--batch_size 16 -> 8" in capsys.readouterr().err
 
 
+def test_resume_of_a_run_from_before_split_seed_keeps_its_split(script, stopped_run, capsys):
+    """A checkpoint written before --split_seed split by --seed: resuming with another split is refused."""
+    out, argv = stopped_run
+    checkpoint = out / "checkpoints" / "checkpoint-5"
+    saved = json.loads((checkpoint / "training_args.json").read_text())
+    saved.pop("split_seed")
+    (checkpoint / "training_args.json").write_text(json.dumps(saved))
+    (checkpoint / "checksums.sha256").unlink()  # as an older version wrote it
+    assert script.main([*argv, "--resume_from_checkpoint", "latest", "--split_seed", "7"]) == 2
+    assert f"--split_seed {saved['seed']} -> 7" in capsys.readouterr().err
+
+
 def test_resume_refuses_a_run_that_used_a_removed_flag(script, stopped_run, capsys):
     """A checkpoint of a run with --scheduled_sampling (removed) cannot silently go on without it."""
     out, argv = stopped_run

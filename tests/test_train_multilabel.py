@@ -172,10 +172,13 @@ def test_training_writes_model_metrics_and_card(trained):
         assert set(results["ensemble"]) == set(results["transformer_lexical"]) == METRICS
         single = calibration.pop("transformer_lexical")
         assert set(single) == {"lexical_scale", "validation_micro_f1", "transformer_validation_micro_f1"}
+        assert set(calibration) == {"lexical_scale", "validation_micro_f1", "ensemble_validation_micro_f1"}
         assert json.loads((out / "training_args.json").read_text())["ensemble_with"] == [str(member)]
-    if head in ("generation", "ensemble"):
+        assert "this run's Transformer and 1 more (seeds 7)" in (out / "README.md").read_text()
+    if head == "generation":
         assert set(calibration) == {"lexical_scale", "validation_micro_f1", "transformer_validation_micro_f1"}
         assert calibration["validation_micro_f1"] >= calibration["transformer_validation_micro_f1"]
+    if head in ("generation", "ensemble"):
         assert results["shipped_beam"]["num_beams"] == 3 and set(results["shipped_beam"]) == METRICS | {"num_beams"}
     else:
         assert "shipped_beam" not in results
@@ -386,7 +389,7 @@ def test_presets_fill_in_what_the_flags_leave_open(script):
         (["--label_order", "length"], "--label_order: invalid choice"),
         (["--encoder_lr_scale", "0.1"], "unrecognized arguments: --encoder_lr_scale"),  # removed flags
         (["--lexical_stacking", "2"], "unrecognized arguments: --lexical_stacking"),
-        (["--ensemble_with", "nowhere"], "nowhere holds no saved model"),
+        (["--ensemble_with", "nowhere"], "nowhere holds no saved model with its tokenizer"),
         (["--head", "threshold", "--ensemble_with", "x"], "--ensemble_with builds an ensemble of generation heads"),
     ],
 )
@@ -444,9 +447,17 @@ def test_an_ensemble_member_that_does_not_fit_is_refused_before_training(script,
     config = json.loads((member / "config.json").read_text())
     threshold_folder.mkdir()
     (threshold_folder / "config.json").write_text(json.dumps({**config, "architectures": ["LabelformerModel"]}))
+    shutil.copy(member / "tokenizer.json", threshold_folder / "tokenizer.json")
     assert script.main([*TINY, *data_args(data_files), "--ensemble_with", str(threshold_folder),
                         "--output_dir", str(tmp_path / "out2")]) == 2  # fmt: skip
     assert "not one generation-head Transformer" in capsys.readouterr().err
+    # a member whose run split the data with another seed trained on this run's validation documents
+    run_dir = tmp_path / "run"
+    shutil.copytree(member, run_dir / "best_model")
+    (run_dir / "training_args.json").write_text(json.dumps({"seed": 7, "split_seed": 7, "train_file": None}))
+    assert script.main([*TINY, *data_args(data_files), "--ensemble_with", str(run_dir / "best_model"),
+                        "--output_dir", str(tmp_path / "o3")]) == 2  # fmt: skip
+    assert "was trained on other data: --split_seed 7 (this run: 42)" in capsys.readouterr().err
 
 
 def test_atomic_directory_keeps_the_old_copy_when_a_write_fails(tmp_path):
