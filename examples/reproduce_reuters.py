@@ -19,7 +19,8 @@ validation:
 - ``svm``: tf-idf + one-vs-rest LinearSVC, C chosen on validation (``benchmarks/svm_baseline.py``).
 
 ``DIR/results.json`` holds the rows ``transformer``, ``shipped``, ``threshold`` (and
-``threshold_alone``, the threshold head without its lexical part) and ``svm`` (micro_f1, macro_f1,
+``threshold_alone``, the threshold head without its lexical part), ``svm``, and with ``--members`` > 1
+``ensemble``, ``transformer_lexical`` and ``transformer_seed<N>`` (micro_f1, macro_f1,
 example_f1, subset_accuracy, hamming_loss), the seconds each took, the commands that ran and the
 machine; it is written after every step. The training runs (logs, curves,
 checkpoints, per-label tables) stay in ``DIR/runs/``. At the end both generation models are reloaded

@@ -187,7 +187,9 @@ def output_cache(outputs: Any) -> Cache | None:
 class FastGenerationMixin:
     """`generate()` with a fast path for plain greedy decoding, and `compute_transition_scores` sized by the
     scores (the decoder vocabulary may differ from the encoder's). Mixed into `LabelformerForConditionalGeneration`
-    before `GenerationMixin`; expects ``model.encoder``, ``lm_head`` and ``get_decoder()``.
+    (whose ``model.encoder``, ``lm_head`` and ``get_decoder()`` its `greedy_generate` uses) and, for
+    `compute_transition_scores`, into the ensemble, before `GenerationMixin`; the label heads' own
+    `LabelGenerationMixin` methods come first.
     """
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

@@ -80,7 +80,8 @@ def label_row_bias(label_logits: torch.Tensor) -> torch.Tensor:
 
 
 class _LabelEncoding:
-    """What `LabelformerForMultiLabelGeneration.get_encoder` returns: the encoder plus the label evidence.
+    """What a label-generation model's ``get_encoder`` returns: its ``encode()`` (the encoder, or every
+    member's, plus the label evidence).
 
     `generate()` encodes once through it, so the document's label logits travel in ``encoder_outputs``
     to every decoding step. Holds no state of its own.
@@ -150,7 +151,7 @@ class LabelGenerationMixin:
         """Teacher-forced ``forward()`` logits ``[b, t, v]`` (float) with the tokens the label rules forbid at -inf."""
         logits = self(
             attention_mask=attention_mask, encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids
-        ).logits.float()  # the decoder's logits plus `row_bias`, as decoding sees them
+        ).logits.float()  # what `forward()` returns (with every row bias, members combined), as decoding sees it
         allowed = allowed_label_tokens(
             decoder_input_ids, logits.shape[-1], self.config.min_labels, self.config.effective_max_labels
         )
