@@ -58,15 +58,15 @@ def test_hf_names_and_defaults():
     assert not config.is_label_model
 
 
-def test_the_config_has_its_36_fields_and_every_one_round_trips(tmp_path):
+def test_the_config_has_its_37_fields_and_every_one_round_trips(tmp_path):
     fields = [
         name for name in inspect.signature(LabelformerConfig.__init__).parameters if name not in ("self", "kwargs")
     ]
-    assert len(fields) == 36
+    assert len(fields) == 37
     changed = dict(
         norm_position="pre", activation_function="gelu", decoder_vocab_size=13, d_model=64, encoder_ffn_dim=96,
         label_order="random", min_labels=0, max_labels=4, num_label_slots=6, classifier_pooling="first",
-        lexical_scorer=True, position_embedding_type="learned",
+        lexical_scorer=True, position_embedding_type="learned", ensemble_size=3,
     )  # fmt: skip
     config = tiny_config(**changed)
     config.save_pretrained(tmp_path)
