@@ -61,6 +61,7 @@ from training_utils import (  # noqa: E402
     predict_split,
     prepare_output_dir,
     quiesce_process_group,
+    recorded_args,
     save_checkpoint,
     save_model,
     verify_checkpoint,
@@ -201,13 +202,14 @@ def training_function(args: argparse.Namespace) -> dict[str, Any]:
         if split in data:
             report_unknown_labels(split_unknown_labels(data[split]["labels"], label2id)[1], split)
     max_labels_seen = max(1, max(len(x) for x in train_labels))
-    if args.ensemble_with:  # before anything is written: a member that cannot join is found now, not after an hour
-        check_members(args, build_config(args, labels, AutoTokenizer.from_pretrained(args.ensemble_with[0]),
-                                         max_labels_seen))  # fmt: skip
+    # the members' tokenizer: one tokenizer reads the text for every member
+    member_tokenizer = AutoTokenizer.from_pretrained(args.ensemble_with[0]) if args.ensemble_with else None
+    if member_tokenizer is not None:  # before anything is written: a member that cannot join is found now
+        check_members(args, build_config(args, labels, member_tokenizer, max_labels_seen))
     saved_tokenizer = Path(args.output_dir) / "tokenizer"
     if checkpoint is None and accelerator.is_main_process:
-        if args.ensemble_with:  # the members' tokenizer: one tokenizer reads the text for every member
-            tokenizer = AutoTokenizer.from_pretrained(args.ensemble_with[0])
+        if member_tokenizer is not None:
+            tokenizer = member_tokenizer
         else:
             tokenizer = train_tokenizer(
                 data["train"]["text"], vocab_size=args.vocab_size, model_max_length=args.max_length
@@ -343,13 +345,11 @@ def check_members(args: argparse.Namespace, config: LabelformerConfig) -> None:
             raise TrainingError(f"--ensemble_with {folder} holds {member.architectures}, not one generation-head "
                                 "Transformer: pass a run's best_model folder (the Transformer alone).")  # fmt: skip
         configs.append(member)
-        record = Path(folder).parent / "training_args.json"
-        if not record.is_file():
+        saved = recorded_args(Path(folder).parent)
+        if saved is None:
             logger.warning("--ensemble_with %s: no training_args.json beside it, so its training split is not "
                            "checked; it must not have trained on this run's validation documents", folder)  # fmt: skip
             continue
-        saved = json.loads(record.read_text())
-        saved.setdefault("split_seed", saved.get("seed"))
         differ = [f"--{k} {saved.get(k)!r} (this run: {getattr(args, k)!r})" for k in SAME_DATA_FLAGS
                   if saved.get(k) != getattr(args, k)]  # fmt: skip
         if differ:
@@ -406,7 +406,8 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
         members = [transformer, *(member.to(accelerator.device) for member in load_members(args.ensemble_with))]
         candidates["ensemble"] = LabelformerEnsembleForMultiLabelGeneration.from_members(members)
     shipped, calibration = candidates.get("ensemble", transformer), {}
-    if args.lexical_scorer and args.head != "parallel":
+    hybrid = args.lexical_scorer and args.head != "parallel"  # the shipped model gets the lexical part
+    if hybrid:
         if args.ensemble_with:
             single = with_lexical_part(transformer, tokenizer, data, args)
             calibration["transformer_lexical"] = calibrate_lexical_scale(single, tokenizer, rows, args.max_length)
@@ -416,7 +417,7 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
             shipped = with_lexical_part(transformer, tokenizer, data, args)
     if args.head == "threshold":
         calibration.update(calibrate_threshold_head(shipped, tokenizer, rows, args.max_length))
-    elif args.lexical_scorer and args.head != "parallel":
+    elif hybrid:
         calibration.update(calibrate_lexical_scale(shipped, tokenizer, rows, args.max_length))
         if args.ensemble_with:  # scale 0 is the ensemble alone, not this run's Transformer
             calibration["ensemble_validation_micro_f1"] = calibration.pop("transformer_validation_micro_f1")
@@ -443,10 +444,8 @@ def finish(accelerator: Accelerator, args, data, labels: list[str], state: dict[
         if best.get("averaged_from"):
             training_args["weights"] = f"mean of epochs {best['averaged_from']} to {state['best_epoch']}"
         if args.ensemble_with:  # the other members' seeds, from their runs' records
-            seeds = []
-            for folder in args.ensemble_with:
-                record = Path(folder).parent / "training_args.json"
-                seeds.append(str(json.loads(record.read_text()).get("seed")) if record.is_file() else "not recorded")
+            records = [recorded_args(Path(folder).parent) for folder in args.ensemble_with]
+            seeds = [str(record.get("seed")) if record else "not recorded" for record in records]
             training_args["ensemble"] = f"this run's Transformer and {len(seeds)} more (seeds {', '.join(seeds)})"
         train_labels = data["train"]["labels"]
         training_data = describe_training_data(

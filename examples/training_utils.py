@@ -224,6 +224,18 @@ class WeightAverage(AveragedModel):
         load_model_weights(self, str(path))
 
 
+def recorded_args(folder: Path) -> dict[str, Any] | None:
+    """The flags a run recorded in ``folder / "training_args.json"`` (a checkpoint, or a run's output folder),
+    with ``split_seed`` filled in from ``seed`` for runs from before it (they split by ``--seed``); ``None``
+    if the folder has no record."""
+    record = Path(folder) / "training_args.json"
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text())
+    saved.setdefault("split_seed", saved.get("seed"))
+    return saved
+
+
 def verify_checkpoint(checkpoint: Path, args: argparse.Namespace, num_processes: int) -> None:
     """Refuse a checkpoint that is corrupt, incomplete, or was written with flags a resume cannot change."""
     try:
@@ -242,10 +254,8 @@ def verify_checkpoint(checkpoint: Path, args: argparse.Namespace, num_processes:
                 "from it would draw different dropout masks and orders. Resume with the process count the "
                 "checkpoint was written with, or from a complete checkpoint."
             )
-    saved_args = checkpoint / "training_args.json"
-    if saved_args.is_file():
-        saved = json.loads(saved_args.read_text())
-        saved.setdefault("split_seed", saved.get("seed"))  # runs before --split_seed split by --seed
+    saved = recorded_args(checkpoint)
+    if saved is not None:
         changed = sorted(
             k for k, v in vars(args).items() if k in saved and saved[k] != v and k not in RESUMABLE_CHANGES
         )

@@ -133,7 +133,7 @@ class LabelformerEnsembleForMultiLabelGeneration(
                 )
         check_compatible_configs([member.config for member in members])
         config = LabelformerConfig.from_dict(
-            {**member_config(members[0].config).to_dict(), "ensemble_size": len(members)}
+            {**members[0].config.to_dict(), "ensemble_size": len(members), "lexical_scorer": False}
         )
         config._attn_implementation = members[0].config._attn_implementation
         first = next(members[0].parameters())

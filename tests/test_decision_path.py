@@ -26,13 +26,18 @@ def _with_lexical(model, ids: torch.Tensor, label_sets: list[list[str]], scale: 
     return model
 
 
+def _members(count: int = 2, **overrides) -> list[LabelformerForMultiLabelGeneration]:
+    """``count`` differently initialised generation models (seeds 0, 1, ...) of the synthetic config."""
+    members = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        members.append(LabelformerForMultiLabelGeneration(synthetic_config(init_std=0.1, **overrides)).eval())
+    return members
+
+
 def _ensemble(lexical: bool) -> LabelformerEnsembleForMultiLabelGeneration:
     """Two differently initialised members (and, with ``lexical``, a room for the ensemble's lexical part)."""
-    members = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        members.append(LabelformerForMultiLabelGeneration(synthetic_config(init_std=0.1)).eval())
-    model = LabelformerEnsembleForMultiLabelGeneration.from_members(members)
+    model = LabelformerEnsembleForMultiLabelGeneration.from_members(_members(2))
     if lexical:
         config = model.config.from_dict({**model.config.to_dict(), "lexical_scorer": True})
         hybrid = LabelformerEnsembleForMultiLabelGeneration(config)

@@ -11,30 +11,14 @@ from configuration import LabelformerConfig
 from modeling import LabelformerEnsembleForMultiLabelGeneration, LabelformerForMultiLabelGeneration
 from modeling.ensemble_labelformer import member_config
 from tests.synthetic import synthetic_batch, synthetic_config
-from tests.test_decision_path import _ensemble, _with_lexical
-
-
-def _members(count: int = 2, **overrides) -> list[LabelformerForMultiLabelGeneration]:
-    members = []
-    for seed in range(count):
-        torch.manual_seed(seed)
-        members.append(LabelformerForMultiLabelGeneration(synthetic_config(init_std=0.1, **overrides)).eval())
-    return members
-
-
-def _batch():
-    ids, label_sets = synthetic_batch(6, 12, torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[-1, -5:] = 0
-    ids[-1, -5:] = 0
-    return ids, mask, label_sets
+from tests.test_decision_path import _batch, _ensemble, _members, _with_lexical
 
 
 @pytest.mark.parametrize("lexical", [False, True])
 def test_forward_is_the_log_of_the_members_mean_probability(lexical):
     members = _members(3)
     ensemble = LabelformerEnsembleForMultiLabelGeneration.from_members(members)
-    ids, mask, _ = _batch()
+    ids, mask = _batch()
     if lexical:
         ensemble = _ensemble(lexical=True)
         members = [ensemble.member(k) for k in range(2)]
@@ -59,7 +43,7 @@ def test_forward_is_the_log_of_the_members_mean_probability(lexical):
 def test_cached_decoding_equals_decoding_without_a_cache(num_beams):
     """One generation cache holds every member's layers: with it, the tokens are those of full recomputation."""
     ensemble = LabelformerEnsembleForMultiLabelGeneration.from_members(_members(3))
-    ids, mask, _ = _batch()
+    ids, mask = _batch()
     ensemble.fast_greedy_generate = False
     with torch.no_grad():
         cached = ensemble.generate(input_ids=ids, attention_mask=mask, num_beams=num_beams)
@@ -74,7 +58,7 @@ def test_members_come_back_unchanged_and_the_originals_are_not_touched(tmp_path)
     members = _members(2)
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in members]
     ensemble = LabelformerEnsembleForMultiLabelGeneration.from_members(members)
-    ids, mask, _ = _batch()
+    ids, mask = _batch()
     with torch.no_grad():
         for k, member in enumerate(members):
             alone = ensemble.member(k)
@@ -90,7 +74,7 @@ def test_saved_folder_loads_through_the_auto_class_and_answers_the_same(tmp_path
     ensemble = _ensemble(lexical=True)
     train_ids, label_sets = synthetic_batch(64, 12, torch.Generator().manual_seed(1))
     _with_lexical(ensemble, train_ids, label_sets)
-    ids, mask, _ = _batch()
+    ids, mask = _batch()
     ensemble.save_pretrained(tmp_path)
     assert (tmp_path / "ensemble_labelformer.py").is_file()  # the folder carries the class's code
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, trust_remote_code=True)
@@ -163,7 +147,7 @@ def test_other_labels_or_heads_or_sizes_are_refused():
 
     with pytest.raises(ValueError, match="ensemble of 2 Transformers"):
         LabelformerForMultiLabelClassification(ensemble.config)
-    ids, mask, _ = _batch()
+    ids, mask = _batch()
     with pytest.raises(ValueError, match="inputs_embeds"):
         ensemble(inputs_embeds=torch.zeros(2, 4, 64), decoder_input_ids=torch.ones(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\['output_attentions'\] is not supported"):
@@ -187,7 +171,7 @@ def test_the_attention_backend_asked_for_runs_in_every_member(tmp_path):
 def test_int8_copy_quantizes_every_member():
     ensemble = LabelformerEnsembleForMultiLabelGeneration.from_members(_members(2))
     fast = ensemble.quantize_int8()
-    ids, mask, _ = _batch()
+    ids, mask = _batch()
     quantized = [m for m in fast.modules() if type(m).__name__ == "Linear" and "quantized" in type(m).__module__]
     per_member = len([m for m in ensemble.members[0].model.modules() if isinstance(m, nn.Linear)])
     assert len(quantized) == 2 * per_member
